@@ -6,7 +6,7 @@
 __all__ = ['EDGE_MODES', 'NORMALIZE_PRESETS', 'sample_path', 'Scene', 'open_scene', 'Tile', 'tile_grid', 'read_tile', 'normalize',
            'rgb_preview']
 
-# %% ../nbs/01_io.ipynb #9fc1d581
+# %% ../nbs/01_io.ipynb #df16b9ef
 import math, os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +17,12 @@ from rasterio.enums import MaskFlags
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 import rasterio.windows
+from fastcore.basics import patch
 import dofaclip
 from .sensors import get_sensor, validate_wavelengths, wavelengths_from_descriptions, nearest_bands
 from .sensors import wavelengths as sensor_wavelengths
 
-# %% ../nbs/01_io.ipynb #90992b25
+# %% ../nbs/01_io.ipynb #fd7deff7
 def _sample_dirs() -> list:
     dirs = [Path(os.environ['DOFACLIP_DATA'])] if os.environ.get('DOFACLIP_DATA') else []
     return dirs + [Path(dofaclip.__file__).resolve().parents[1] / 'data']  # the repository's data/ beside the package
@@ -35,7 +36,7 @@ def sample_path(name: str) -> Path:
     raise FileNotFoundError(f"no sample raster {name!r} in {', '.join(map(str, dirs))}; available: "
                             f"{', '.join(available) or 'none'}. Set $DOFACLIP_DATA to a folder holding the samples.")
 
-# %% ../nbs/01_io.ipynb #54a0c00b
+# %% ../nbs/01_io.ipynb #f9ae0b9f
 _NM_UNITS = {'nm', 'nanometer', 'nanometers', 'nanometre', 'nanometres'}
 
 def _tag_wavelengths(src) -> list | None:
@@ -74,6 +75,9 @@ def _resolve_wavelengths(src, sensor, bands, wavelengths):
         except ValueError as e:
             raise ValueError(f"{src.name}: its wavelength tags are wrong: {e}. Fix the tags (a tag "
                              "wavelength_units=nanometers is understood) or pass wavelengths=[...]") from None
+    if bands is not None:  # the caller named the bands: they override the file's descriptions
+        source = 'sensor' if sensor is not None else 'bands'
+        return validate_wavelengths(wavelengths_from_descriptions(bands, sensor), src.count), source, names
     problem = 'it has no wavelength tags'
     if has_descriptions:
         try: return validate_wavelengths(wavelengths_from_descriptions(descriptions, sensor), src.count), 'descriptions', names
@@ -81,15 +85,15 @@ def _resolve_wavelengths(src, sensor, bands, wavelengths):
     else: problem += ' and no band descriptions'
     if sensor is not None:
         s = get_sensor(sensor)
-        if bands is None and len(s) != src.count:
+        if len(s) != src.count:
             raise ValueError(f"{src.name} has {src.count} bands but sensor {s.name!r} has {len(s)} "
                              f"({', '.join(s.band_names)}): pass bands=[...] naming the file's bands, or wavelengths=[...]")
-        return validate_wavelengths(sensor_wavelengths(s.name, bands), src.count), 'sensor', bands or s.band_names
+        return validate_wavelengths(s.wavelengths, src.count), 'sensor', s.band_names
     raise ValueError(f"no wavelengths known for {src.name}: {problem}. Pass wavelengths=[...] in micrometres "
                      f"(one per band, {src.count} bands) or a sensor preset, e.g. sensor='rgbn' "
                      "(see dofaclip.sensors.SENSORS)")
 
-# %% ../nbs/01_io.ipynb #a4e6ca67
+# %% ../nbs/01_io.ipynb #ff8629a4
 class Scene:
     "A georeferenced raster with known band wavelengths, read lazily window by window."
     def __init__(self, path, sensor: str | None = None, bands: list | None = None, wavelengths=None):
@@ -137,12 +141,13 @@ def open_scene(path, sensor: str | None = None, bands: list | None = None, wavel
     "Open the GeoTIFF at `path` as a `Scene`; wavelengths from `wavelengths`, tags, descriptions or `sensor` (in that order)."
     return Scene(path, sensor=sensor, bands=bands, wavelengths=wavelengths)
 
-# %% ../nbs/01_io.ipynb #268e69cb
+# %% ../nbs/01_io.ipynb #d6ad41eb
 def _as_window(window) -> Window:
     if not isinstance(window, Window): window = Window.from_slices(*window)
     return Window(round(window.col_off), round(window.row_off), round(window.width), round(window.height))
 
-def _read(self: Scene, window=None):
+@patch
+def read(self: Scene, window=None):
     "Read `window` (default: all): float32 pixels (C, H, W) with invalid pixels set to 0, and valid (H, W)."
     win = Window(0, 0, self.width, self.height) if window is None else _as_window(window)
     if win.width <= 0 or win.height <= 0: raise ValueError(f"empty window {win}: width and height must be positive")
@@ -163,9 +168,8 @@ def _read(self: Scene, window=None):
     if self._has_mask: valid &= ds.dataset_mask(window=win, boundless=not inside) > 0
     pixels[:, ~valid] = 0
     return pixels, valid
-Scene.read = _read
 
-# %% ../nbs/01_io.ipynb #15d7c462
+# %% ../nbs/01_io.ipynb #cb781957
 EDGE_MODES = ('pad', 'shift', 'drop')
 
 @dataclass
@@ -206,7 +210,7 @@ def read_tile(scene: Scene, tile: Tile):
     "Pixels (C, size, size) and valid mask of `tile`, padded (and invalid) where it extends past the scene."
     return scene.read(tile.window)
 
-# %% ../nbs/01_io.ipynb #d1a2483b
+# %% ../nbs/01_io.ipynb #0291460c
 def _percentile_stretch(pixels, valid, low=2.0, high=98.0):
     out = np.zeros_like(pixels)
     for i, band in enumerate(pixels):
@@ -237,7 +241,7 @@ def normalize(pixels, preset: str = 'reflectance', valid=None, **kw) -> np.ndarr
     if valid is not None: out[:, ~valid] = 0
     return out
 
-# %% ../nbs/01_io.ipynb #803a581f
+# %% ../nbs/01_io.ipynb #6b76270e
 def rgb_preview(pixels, wavelengths, bands=None, valid=None, alpha: bool = False) -> np.ndarray:
     "uint8 (H, W, 3) true-colour preview (bands nearest red/green/blue) or false colour (`bands` indices); invalid pixels black."
     x = np.asarray(pixels, dtype=np.float32)

@@ -6,12 +6,12 @@
 __all__ = ['SENSORS', 'MAX_WAVELENGTH_UM', 'MIN_WAVELENGTH_UM', 'Band', 'Sensor', 'get_sensor', 'wavelengths',
            'validate_wavelengths', 'wavelengths_from_descriptions', 'nearest_bands']
 
-# %% ../nbs/00_sensors.ipynb #c44e669b
+# %% ../nbs/00_sensors.ipynb #89da3657
 from dataclasses import dataclass
 import difflib, re
 import numpy as np
 
-# %% ../nbs/00_sensors.ipynb #63239052
+# %% ../nbs/00_sensors.ipynb #5fa13c1c
 def _norm_band(name) -> str:
     "Canonical form of a band name: lowercase, no spaces/underscores/dashes, 'b04' -> 'b4'."
     s = re.sub(r'[\s_\-]+', '', str(name).strip().lower())
@@ -28,7 +28,7 @@ class Band:
         key = _norm_band(name)
         return key == _norm_band(self.name) or key in {_norm_band(a) for a in self.aliases}
 
-# %% ../nbs/00_sensors.ipynb #af02f547
+# %% ../nbs/00_sensors.ipynb #ca32866f
 @dataclass(frozen=True)
 class Sensor:
     "A named, ordered set of `Band`s."
@@ -53,7 +53,7 @@ def _sensor(name, description, rows):
     "Build a `Sensor` from rows `(name, wavelength, *aliases)`."
     return Sensor(name, tuple(Band(n, float(w), tuple(a)) for n, w, *a in rows), description)
 
-# %% ../nbs/00_sensors.ipynb #2141f950
+# %% ../nbs/00_sensors.ipynb #4953806b
 _S2_L1C = [  # ESA Sentinel-2 MSI (S2A band centres, as in DOFA)
     ('B01', 0.443, 'coastal', 'aerosol'), ('B02', 0.49, 'blue'), ('B03', 0.56, 'green'),
     ('B04', 0.665, 'red'), ('B05', 0.705, 'rededge1', 're1'), ('B06', 0.74, 'rededge2', 're2'),
@@ -107,7 +107,7 @@ SENSORS = {s.name: s for s in [
     _sensor('dofa-sar', 'DOFA preset: SAR VV/VH (band code 3.75)', [('VV', 3.75, 'vv'), ('VH', 3.75, 'vh')]),
 ]}
 
-# %% ../nbs/00_sensors.ipynb #acec9f80
+# %% ../nbs/00_sensors.ipynb #53fc8971
 def _norm_sensor(name) -> str: return re.sub(r'[\s_]+', '-', str(name).strip().lower())
 
 def get_sensor(name: str) -> Sensor:
@@ -120,7 +120,7 @@ def get_sensor(name: str) -> Sensor:
     raise ValueError(f"unknown sensor {name!r}; {hint}known sensors: {', '.join(SENSORS)}. "
                      f"Or pass the wavelengths (micrometres) explicitly.")
 
-# %% ../nbs/00_sensors.ipynb #9127a1f1
+# %% ../nbs/00_sensors.ipynb #93523ffe
 def wavelengths(sensor: str, bands: list | None = None) -> list:
     "Central wavelengths (um) of `bands` (names or aliases, in that order) of `sensor`; all bands if `bands` is None."
     s = get_sensor(sensor)
@@ -128,7 +128,7 @@ def wavelengths(sensor: str, bands: list | None = None) -> list:
     if isinstance(bands, str): bands = [bands]
     return [s.band(b).wavelength for b in bands]
 
-# %% ../nbs/00_sensors.ipynb #5615bbec
+# %% ../nbs/00_sensors.ipynb #0b9e4310
 MAX_WAVELENGTH_UM = 30.0  # above this it is not an EO band in um: most likely nanometres
 MIN_WAVELENGTH_UM = 0.2   # at or below this it is not an EO band in um: metres, or a scaled value
 
@@ -158,7 +158,7 @@ def validate_wavelengths(wavelengths, n_bands: int | None = None) -> list:
                          f"pass exactly one wavelength (micrometres) per band")
     return [float(w) for w in arr]
 
-# %% ../nbs/00_sensors.ipynb #8952136c
+# %% ../nbs/00_sensors.ipynb #d7ad62df
 _COMMON = Sensor('common band names', tuple(SENSORS['rgbn'].bands) + tuple(
     SENSORS['sentinel-2'].band(n) for n in ('coastal', 'swir1', 'swir2')))
 
@@ -172,14 +172,14 @@ def wavelengths_from_descriptions(descriptions: list, sensor: str | None = None)
             raise ValueError(f"band {i + 1} has no description, so its wavelength is unknown: "
                              "pass wavelengths=[...] in micrometres or a sensor preset, e.g. sensor='rgbn'")
         try: out.append(lookup.band(d).wavelength)
-        except ValueError:
-            where = f"sensor {lookup.name!r}" if sensor is not None else f"the {lookup.name} ({', '.join(lookup.band_names)})"
-            raise ValueError(f"cannot map band {i + 1} description {d!r} to a wavelength with {where}: pass "
+        except ValueError as e:
+            why = str(e) if sensor is not None else f"it is none of the {lookup.name} {', '.join(lookup.band_names)}"
+            raise ValueError(f"cannot map band {i + 1} description {d!r} to a wavelength ({why}): pass "
                              "wavelengths=[...] in micrometres, or sensor=... naming the sensor whose band names "
                              "these are") from None
     return out
 
-# %% ../nbs/00_sensors.ipynb #bac94e20
+# %% ../nbs/00_sensors.ipynb #429e9430
 def nearest_bands(wavelengths, targets=(0.665, 0.56, 0.49)) -> list:
     "Index of the band in `wavelengths` nearest each of `targets` (default red, green, blue)."
     w = np.asarray(validate_wavelengths(wavelengths))
