@@ -5,8 +5,9 @@
 # %% auto #0
 __all__ = ['BACKBONE_CONFIGS', 'DOFAVisionTransformer', 'list_backbones', 'create_backbone']
 
-# %% ../nbs/03_backbone.ipynb #95861b31
+# %% ../nbs/03_backbone.ipynb #2bc39e3f
 from functools import partial
+from fastcore.basics import patch
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
@@ -15,7 +16,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from .patch_embed import DOFAPatchEmbed
 
-# %% ../nbs/03_backbone.ipynb #a51db404
+# %% ../nbs/03_backbone.ipynb #2cefb392
 class DOFAVisionTransformer(VisionTransformer):
     "A timm `VisionTransformer` whose patch embedding is generated from band wavelengths (µm)."
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, padding: int = 0, wavelength_dim: int = 128,
@@ -45,8 +46,9 @@ class DOFAVisionTransformer(VisionTransformer):
     def forward(self, x: torch.Tensor, wavelengths) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, wavelengths))
 
-# %% ../nbs/03_backbone.ipynb #85807dba
-def _forward_intermediates(self: DOFAVisionTransformer, x: torch.Tensor, wavelengths, indices=None,
+# %% ../nbs/03_backbone.ipynb #366735b7
+@patch
+def forward_intermediates(self: DOFAVisionTransformer, x: torch.Tensor, wavelengths, indices=None,
                            return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
                            output_fmt: str = 'NCHW', intermediates_only: bool = False):
     "Final tokens and the outputs of the blocks in `indices` (timm's `forward_intermediates` with wavelengths)."
@@ -68,16 +70,15 @@ def _forward_intermediates(self: DOFAVisionTransformer, x: torch.Tensor, wavelen
     if return_prefix_tokens and prefix_tokens is not None: intermediates = list(zip(intermediates, prefix_tokens))
     if intermediates_only: return intermediates
     return self.norm(x), intermediates
-DOFAVisionTransformer.forward_intermediates = _forward_intermediates
 
-def _get_intermediate_layers(self: DOFAVisionTransformer, x, wavelengths, n=1, reshape: bool = False,
+@patch
+def get_intermediate_layers(self: DOFAVisionTransformer, x, wavelengths, n=1, reshape: bool = False,
                              return_prefix_tokens: bool = False, norm: bool = False):
     "DINO-style access to block outputs (timm's `get_intermediate_layers`, with wavelengths)."
     return self.forward_intermediates(x, wavelengths, n, return_prefix_tokens=return_prefix_tokens, norm=norm,
                                       output_fmt='NCHW' if reshape else 'NLC', intermediates_only=True)
-DOFAVisionTransformer.get_intermediate_layers = _get_intermediate_layers
 
-# %% ../nbs/03_backbone.ipynb #f5197837
+# %% ../nbs/03_backbone.ipynb #307037f3
 _SIGLIP = dict(class_token=False, global_pool='map', padding=0)
 _TORCHGEO = dict(class_token=True, global_pool='avg', padding=1)  # torchgeo's DOFA: mean pool + fc_norm, padding 1
 
