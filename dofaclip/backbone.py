@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['BACKBONE_CONFIGS', 'DOFAVisionTransformer', 'list_backbones', 'create_backbone']
 
-# %% ../nbs/03_backbone.ipynb #2bc39e3f
+# %% ../nbs/03_backbone.ipynb #4f661e4e
 from functools import partial
 from fastcore.basics import patch
 import torch
@@ -16,7 +16,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from .patch_embed import DOFAPatchEmbed
 
-# %% ../nbs/03_backbone.ipynb #2cefb392
+# %% ../nbs/03_backbone.ipynb #09fe5547
 class DOFAVisionTransformer(VisionTransformer):
     "A timm `VisionTransformer` whose patch embedding is generated from band wavelengths (µm)."
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, padding: int = 0, wavelength_dim: int = 128,
@@ -46,7 +46,7 @@ class DOFAVisionTransformer(VisionTransformer):
     def forward(self, x: torch.Tensor, wavelengths) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, wavelengths))
 
-# %% ../nbs/03_backbone.ipynb #366735b7
+# %% ../nbs/03_backbone.ipynb #d330539c
 @patch
 def forward_intermediates(self: DOFAVisionTransformer, x: torch.Tensor, wavelengths, indices=None,
                            return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
@@ -78,7 +78,7 @@ def get_intermediate_layers(self: DOFAVisionTransformer, x, wavelengths, n=1, re
     return self.forward_intermediates(x, wavelengths, n, return_prefix_tokens=return_prefix_tokens, norm=norm,
                                       output_fmt='NCHW' if reshape else 'NLC', intermediates_only=True)
 
-# %% ../nbs/03_backbone.ipynb #307037f3
+# %% ../nbs/03_backbone.ipynb #0c80ecbc
 _SIGLIP = dict(class_token=False, global_pool='map', padding=0)
 _TORCHGEO = dict(class_token=True, global_pool='avg', padding=1)  # torchgeo's DOFA: mean pool + fc_norm, padding 1
 

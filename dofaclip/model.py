@@ -6,7 +6,7 @@
 __all__ = ['MODEL_CONFIGS', 'UPSTREAM_VISION_TOWERS', 'list_models', 'normalize_config', 'DOFAImageEncoder', 'DOFACLIP',
            'create_model', 'BoundImageEncoder', 'get_tokenizer']
 
-# %% ../nbs/04_model.ipynb #643f7947
+# %% ../nbs/04_model.ipynb #dcaef2b2
 import copy, math, json
 from collections import OrderedDict
 from pathlib import Path
@@ -20,7 +20,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from .backbone import create_backbone, list_backbones, DOFAVisionTransformer
 from .patch_embed import resolve_wavelengths
 
-# %% ../nbs/04_model.ipynb #47419852
+# %% ../nbs/04_model.ipynb #1cce7426
 def _siglip_config(open_clip_name: str, backbone: str) -> dict:
     "DOFA-CLIP config: open_clip's SigLIP config with our backbone as vision tower."
     oc = open_clip.get_model_config(open_clip_name)
@@ -41,7 +41,7 @@ def list_models() -> list:
     "Names accepted by `create_model`."
     return sorted(MODEL_CONFIGS)
 
-# %% ../nbs/04_model.ipynb #a2718670
+# %% ../nbs/04_model.ipynb #c1515035
 UPSTREAM_VISION_TOWERS = {  # upstream DOFA-CLIP's timm model names -> our backbones
     'dofa_vit_base_patch16_siglip_224': 'dofa_siglip_base_patch16_224',
     'dofa_vit_so400m_patch14_siglip_384': 'dofa_siglip_so400m_patch14_384',
@@ -79,7 +79,7 @@ def normalize_config(config: dict) -> dict:
     cfg.setdefault('init_logit_bias', None)
     return cfg
 
-# %% ../nbs/04_model.ipynb #5b4c1508
+# %% ../nbs/04_model.ipynb #9386546f
 class DOFAImageEncoder(nn.Module):
     "Image side of DOFA-CLIP: `trunk` (DOFA ViT, pooled) then `head` (projection to `embed_dim`, or nothing)."
     def __init__(self, trunk: DOFAVisionTransformer, embed_dim: int, proj: str = 'none'):
@@ -97,7 +97,7 @@ class DOFAImageEncoder(nn.Module):
     def forward(self, images: torch.Tensor, wavelengths) -> torch.Tensor:
         return self.head(self.trunk(images, wavelengths))
 
-# %% ../nbs/04_model.ipynb #216cc9a2
+# %% ../nbs/04_model.ipynb #3e186a8a
 class DOFACLIP(nn.Module):
     "DOFA-CLIP: any-band image tower + open_clip text tower, trained with a CLIP or SigLIP loss."
     def __init__(self, config: dict):
@@ -134,7 +134,7 @@ class DOFACLIP(nn.Module):
                     text_features=None if text is None else self.encode_text(text, normalize=True),
                     logit_scale=self.logit_scale.exp(), logit_bias=self.logit_bias)
 
-# %% ../nbs/04_model.ipynb #6fa5230b
+# %% ../nbs/04_model.ipynb #e8297380
 @patch
 def get_logits(self: DOFACLIP, image, text, wavelengths) -> tuple:
     "(logits_per_image, logits_per_text) with this model's scale and bias."
@@ -160,7 +160,7 @@ def set_grad_checkpointing(self: DOFACLIP, enable: bool = True):
     self.visual.trunk.set_grad_checkpointing(enable)
     self.text.set_grad_checkpointing(enable)
 
-# %% ../nbs/04_model.ipynb #06714c82
+# %% ../nbs/04_model.ipynb #94b7af3a
 def create_model(name_or_config, device=None, **overrides) -> DOFACLIP:
     "Build a DOFA-CLIP model by name (see `list_models()`) or from a config dict; `overrides` merge into the config."
     if isinstance(name_or_config, dict): cfg = copy.deepcopy(name_or_config)
@@ -174,7 +174,7 @@ def create_model(name_or_config, device=None, **overrides) -> DOFACLIP:
     if device is None: return DOFACLIP(cfg)
     with torch.device(device): return DOFACLIP(cfg)
 
-# %% ../nbs/04_model.ipynb #3d1f4744
+# %% ../nbs/04_model.ipynb #9bb194d8
 class BoundImageEncoder(nn.Module):
     "`model.visual` with fixed wavelengths: `forward(images)` = `model.encode_image(images, wavelengths)`."
     def __init__(self, model_or_visual: nn.Module, wavelengths):
@@ -196,7 +196,7 @@ def encode_image_bound(self: DOFACLIP, wavelengths) -> BoundImageEncoder:
     "The image encoder with `wavelengths` fixed (shares parameters with this model)."
     return BoundImageEncoder(self, wavelengths)
 
-# %% ../nbs/04_model.ipynb #1d601b4e
+# %% ../nbs/04_model.ipynb #420b7d2b
 def _text_cfg_of(name_or_model) -> tuple:
     "(text_cfg, folder or None) for a model, a model name, a config dict or a checkpoint folder."
     if isinstance(name_or_model, DOFACLIP): return name_or_model.config['text_cfg'], None

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['sincos_embedding', 'FCResLayer', 'WeightGenerator', 'resolve_wavelengths', 'DOFAPatchEmbed']
 
-# %% ../nbs/02_patch_embed.ipynb #8a03966d
+# %% ../nbs/02_patch_embed.ipynb #b7ab956d
 from collections import OrderedDict
 from contextlib import nullcontext
 import torch
@@ -15,7 +15,7 @@ from fastcore.basics import patch
 from timm.layers import to_2tuple
 from .sensors import validate_wavelengths
 
-# %% ../nbs/02_patch_embed.ipynb #5c73bd42
+# %% ../nbs/02_patch_embed.ipynb #a5df4396
 def sincos_embedding(values: torch.Tensor, dim: int = 128) -> torch.Tensor:
     "1-D sin-cos encoding of `values` (C,) -> (C, dim): `[sin(v * f_i) | cos(v * f_i)]`, `f_i = 1 / 10000**(i / (dim/2))`."
     if dim % 2: raise ValueError(f"sincos_embedding needs an even dim, got {dim}")
@@ -24,7 +24,7 @@ def sincos_embedding(values: torch.Tensor, dim: int = 128) -> torch.Tensor:
     angles = values[:, None] * freqs[None]
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
-# %% ../nbs/02_patch_embed.ipynb #169e9ac2
+# %% ../nbs/02_patch_embed.ipynb #7cf9a0d5
 class FCResLayer(nn.Module):
     "Residual MLP on wavelength encodings: `x + relu(w2(relu(w1(x))))` (DOFA's `fclayer`)."
     def __init__(self, dim: int = 128, device=None, dtype=None):
@@ -33,7 +33,7 @@ class FCResLayer(nn.Module):
         self.w2 = nn.Linear(dim, dim, device=device, dtype=dtype)
     def forward(self, x): return x + F.relu(self.w2(F.relu(self.w1(x))))
 
-# %% ../nbs/02_patch_embed.ipynb #6bfb9f4e
+# %% ../nbs/02_patch_embed.ipynb #2a53e339
 class WeightGenerator(nn.Module):
     "Transformer hyper-network: wavelength encodings (C, d) -> kernel rows (C, k*k*D) and bias (D,)."
     def __init__(self, wavelength_dim: int, kernel_numel: int, embed_dim: int, num_heads: int = 4,
@@ -57,7 +57,7 @@ class WeightGenerator(nn.Module):
         bias = self.fc_bias(out[-1])
         return weights, bias
 
-# %% ../nbs/02_patch_embed.ipynb #c7126583
+# %% ../nbs/02_patch_embed.ipynb #ec4c4016
 def resolve_wavelengths(wavelengths, n_bands: int | None = None) -> list:
     "One batch's wavelengths (µm) as a validated list of floats; a (B, C) tensor/array must have identical rows."
     if wavelengths is None:
@@ -71,7 +71,7 @@ def resolve_wavelengths(wavelengths, n_bands: int | None = None) -> list:
         wavelengths = rows[0]
     return validate_wavelengths(wavelengths, n_bands)
 
-# %% ../nbs/02_patch_embed.ipynb #9fd73239
+# %% ../nbs/02_patch_embed.ipynb #ef8af56c
 class DOFAPatchEmbed(nn.Module):
     "Wavelength-conditioned patch embedding (DOFA): `forward(x (B,C,H,W), wavelengths (C,))` -> tokens."
     def __init__(self, img_size=224, patch_size=16, in_chans=None, embed_dim=768, wavelength_dim: int = 128,
@@ -122,7 +122,7 @@ class DOFAPatchEmbed(nn.Module):
         k, p = self.patch_size[0], self.padding
         return tuple((s + 2 * p - k) // k + 1 for s in img_size)
 
-# %% ../nbs/02_patch_embed.ipynb #fc66d490
+# %% ../nbs/02_patch_embed.ipynb #49d81bd0
 @torch.no_grad()
 def _params_fingerprint(module: nn.Module) -> tuple:
     "Identity of a module's current parameter values: storage and version counter of each tensor."
@@ -153,7 +153,7 @@ def kernel(self: DOFAPatchEmbed, wavelengths) -> tuple:
     self._kernel_cache.move_to_end(key)
     return self._kernel_cache[key]
 
-# %% ../nbs/02_patch_embed.ipynb #08fb9a17
+# %% ../nbs/02_patch_embed.ipynb #e0450773
 @patch
 def _check_image(self: DOFAPatchEmbed, x: torch.Tensor, n_wavelengths: int):
     if x.ndim != 4: raise ValueError(f"expected images of shape (B, C, H, W), got shape {tuple(x.shape)}")

@@ -7,7 +7,7 @@ __all__ = ['CONFIG_NAME', 'WEIGHT_NAMES', 'TRAINING_ONLY_PREFIXES', 'CheckpointE
            'read_state_dict', 'check_state_dict', 'load_checkpoint', 'save_pretrained', 'load_pretrained',
            'upstream_dofaclip_layout', 'load_torchgeo_dofa']
 
-# %% ../nbs/05_weights.ipynb #3fa36edc
+# %% ../nbs/05_weights.ipynb #6c862c67
 import json, os, tempfile, warnings, zipfile, pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from .model import DOFACLIP, create_model, list_models, normalize_config
 
-# %% ../nbs/05_weights.ipynb #5b7cf953
+# %% ../nbs/05_weights.ipynb #a6f8c304
 CONFIG_NAME = 'open_clip_config.json'
 WEIGHT_NAMES = ('open_clip_model.safetensors', 'open_clip_pytorch_model.bin')  # open_clip's hub layout, in order of preference
 TRAINING_ONLY_PREFIXES = ('translators.',)  # upstream's MaKA translators: not part of the inference model
@@ -55,7 +55,7 @@ class LoadReport:
         return '\n'.join([f"{self.source}: loaded {self.loaded} tensors" + ('' if self.ok else ' -- PROBLEMS:'),
                           *filter(None, [self.problems()]), *extra, *self.notes])
 
-# %% ../nbs/05_weights.ipynb #c978bb05
+# %% ../nbs/05_weights.ipynb #7bcf1bc6
 def find_weights(folder) -> Path:
     "The weights file of a hub-layout `folder` (safetensors preferred)."
     folder = Path(folder)
@@ -92,7 +92,7 @@ def read_state_dict(path_or_state_dict, report: LoadReport | None = None) -> dic
         raise CheckpointError(f"{report.source}: entries that are not tensors: {not_tensors[:10]}; pass a state dict")
     return sd
 
-# %% ../nbs/05_weights.ipynb #3e6cd753
+# %% ../nbs/05_weights.ipynb #040a81dd
 def check_state_dict(model: nn.Module, state_dict: dict, report: LoadReport | None = None,
                      allow_missing: tuple = ()) -> LoadReport:
     "Compare `state_dict` with `model`'s by name and shape (nothing is loaded)."
@@ -122,7 +122,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True, a
     if not report.ok: warnings.warn(f"non-strict checkpoint load, not loaded:\n{report.problems()}")
     return report
 
-# %% ../nbs/05_weights.ipynb #3d6e75b2
+# %% ../nbs/05_weights.ipynb #f68ab6bd
 def _atomic_write(path: Path, write):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix='.tmp'); os.close(fd)
     try: write(tmp); os.replace(tmp, path)
@@ -139,7 +139,7 @@ def save_pretrained(model: DOFACLIP, folder) -> Path:
     _atomic_write(folder / WEIGHT_NAMES[0], lambda tmp: save_file(tensors, tmp, metadata=dict(format='pt')))
     return folder
 
-# %% ../nbs/05_weights.ipynb #9585dc85
+# %% ../nbs/05_weights.ipynb #54409e55
 def _download(repo_id: str, local_files_only: bool = False) -> Path:
     "Fetch a hub-layout folder from the Hugging Face hub; offline -> an error that names the local-folder route."
     advice = (f"no network here? download the folder where there is network (`huggingface-cli download {repo_id}`) "
@@ -170,7 +170,7 @@ def load_pretrained(name_or_path, strict: bool = True, local_files_only: bool = 
     model.preprocess_cfg = config.get('preprocess_cfg')
     return model.eval()
 
-# %% ../nbs/05_weights.ipynb #fc13b0f6
+# %% ../nbs/05_weights.ipynb #23ca7553
 def upstream_dofaclip_layout(open_clip_name: str, patch_size: int, width: int, grid: int, translators: bool = True) -> dict:
     "{key: shape} of an upstream DOFA-CLIP checkpoint (open_clip's SigLIP model + DOFA patch embed + MaKA translators)."
     import open_clip
@@ -198,7 +198,7 @@ def upstream_dofaclip_layout(open_clip_name: str, patch_size: int, width: int, g
                            f'{t}conv1.weight': (1024, width, 3, 3), f'{t}conv1.bias': (1024,)})
     return layout
 
-# %% ../nbs/05_weights.ipynb #7d603a9d
+# %% ../nbs/05_weights.ipynb #cfc3ecc5
 def load_torchgeo_dofa(backbone: nn.Module, path_or_state_dict, strict: bool = True) -> LoadReport:
     "Load a torchgeo DOFA checkpoint (file or state dict) into a torchgeo-style DOFA backbone."
     if not getattr(backbone, 'has_class_token', False) or backbone.global_pool != 'avg':
