@@ -76,11 +76,14 @@ class DOFAPatchEmbed(nn.Module):
     "Wavelength-conditioned patch embedding (DOFA): `forward(x (B,C,H,W), wavelengths (C,))` -> tokens."
     def __init__(self, img_size=224, patch_size=16, in_chans=None, embed_dim=768, wavelength_dim: int = 128,
                  padding: int = 0, scaler: float = 0.01, output_fmt: str = 'NLC', strict_img_size: bool = False,
-                 bias: bool = True, dynamic_img_pad: bool = False, kernel_cache_size: int = 8, device=None, dtype=None):
+                 bias: bool = True, dynamic_img_pad: bool = False, kernel_cache_size: int = 8, projection: str = 'matmul',
+                 device=None, dtype=None):
         super().__init__()
         if not bias: raise ValueError("DOFAPatchEmbed always generates a bias; use a ViT config without pre_norm")
         if dynamic_img_pad: raise ValueError("DOFAPatchEmbed does not pad images dynamically; crop or resize to a multiple of the patch size")
         if output_fmt not in ('NLC', 'NHWC'): raise ValueError(f"output_fmt must be 'NLC' or 'NHWC', got {output_fmt!r}")
+        if projection not in ('matmul', 'conv'): raise ValueError(f"projection must be 'matmul' or 'conv', got {projection!r}")
+        self.projection = projection
         self.patch_size, self.img_size = to_2tuple(patch_size), to_2tuple(img_size)
         if self.patch_size[0] != self.patch_size[1]: raise ValueError(f"DOFA kernels are square, got patch_size {patch_size}")
         self.embed_dim, self.wavelength_dim, self.padding, self.scaler = embed_dim, wavelength_dim, padding, scaler
@@ -173,8 +176,16 @@ def _check_image(self: DOFAPatchEmbed, x: torch.Tensor, n_wavelengths: int):
 
 @patch
 def _project(self: DOFAPatchEmbed, x, weight, bias):
-    "The patch projection: one strided convolution with the generated kernel -> (B, D, H', W')."
-    return F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), stride=self.patch_size, padding=self.padding)
+    "The patch projection with the generated kernel -> (B, H', W', D), as a patchify + matmul or a strided conv."
+    weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+    if self.projection == 'conv':
+        return F.conv2d(x, weight, bias, stride=self.patch_size, padding=self.padding).permute(0, 2, 3, 1)
+    k, p = self.patch_size[0], self.padding
+    if p: x = F.pad(x, (p, p, p, p))
+    B, C, H, W = x.shape
+    h, w = H // k, W // k   # the conv's grid: (H + 2p - k) // k + 1 == (H + 2p) // k
+    patches = x[:, :, :h * k, :w * k].reshape(B, C, h, k, w, k).permute(0, 2, 4, 1, 3, 5).reshape(B * h * w, C * k * k)
+    return torch.addmm(bias, patches, weight.reshape(len(weight), -1).t()).reshape(B, h, w, -1)
 
 @patch
 def forward(self: DOFAPatchEmbed, x: torch.Tensor, wavelengths) -> torch.Tensor:
@@ -183,4 +194,4 @@ def forward(self: DOFAPatchEmbed, x: torch.Tensor, wavelengths) -> torch.Tensor:
     self._check_image(x, len(waves))
     weight, bias = self.kernel(waves)
     x = self._project(x, weight, bias)
-    return x.permute(0, 2, 3, 1) if self.output_fmt == 'NHWC' else x.flatten(2).transpose(1, 2)
+    return x if self.output_fmt == 'NHWC' else x.flatten(1, 2)
