@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['DEMO_TEMPLATE', 'DEMO_LABELS', 'load_model', 'demo_model', 'run_explore', 'build_parser', 'main']
 
-# %% ../nbs/17_cli.ipynb #edac1120
+# %% ../nbs/17_cli.ipynb #10f9e7fb
 import argparse, json, sys, time
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from .io import open_scene, sample_path
 from .explore import SceneExplorer, default_cache_dir, _slug
 from .mapview import MapState, save_html, save_preview
 
-# %% ../nbs/17_cli.ipynb #786e0b96
+# %% ../nbs/17_cli.ipynb #a061ef9a
 def load_model(spec: str):
     "A model and a one-line description of it from `spec` (folder, `open_clip:ARCH[:FILE]`, or a dofaclip config name)."
     if spec.startswith('open_clip:'):
@@ -36,7 +36,7 @@ def load_model(spec: str):
     raise ValueError(f"--model {spec!r} is not a folder, an open_clip:ARCH name or one of {list_models()}: "
                      "pass a checkpoint folder (open_clip_config.json + weights)")
 
-# %% ../nbs/17_cli.ipynb #40082c61
+# %% ../nbs/17_cli.ipynb #3fc237d4
 DEMO_TEMPLATE = 'a satellite image of mostly {}'
 DEMO_LABELS = ['water', 'vegetation', 'bare soil']
 
@@ -44,7 +44,9 @@ def demo_model(folder=None, epochs=None, log=print):
     "The tiny demo DOFA-CLIP: loaded from `folder` (default: the cache), trained there first if missing."
     from dofaclip.weights import load_pretrained
     folder = Path(folder or default_cache_dir() / 'demo-model')
-    if not (folder / 'open_clip_config.json').exists():
+    saved = next(iter(sorted(folder.rglob('open_clip_config.json'))), None) if folder.is_dir() else None
+    if saved is not None: folder = saved.parent
+    else:
         try: from dofaclip.pretrain import train_demo_model
         except ImportError as e:
             raise RuntimeError(f"no demo model at {folder} and dofaclip.pretrain.train_demo_model is not available ({e}): "
@@ -55,17 +57,17 @@ def demo_model(folder=None, epochs=None, log=print):
         if folder.is_file(): folder = folder.parent
     return load_pretrained(folder), folder
 
-# %% ../nbs/17_cli.ipynb #406269d6
+# %% ../nbs/17_cli.ipynb #6e2677c8
 def run_explore(scene, queries, model, model_desc, out='explore_out', negatives=(), classes=None, top_k=10,
                 tile_size=None, stride=None, preset='auto', sensor=None, wavelengths=None, cache_dir=None,
-                batch_size=32, num_workers=0, template=None, html=True, log=print) -> dict:
+                batch_size=32, num_workers=0, template=None, html=True, min_valid=0.5, log=print) -> dict:
     "Embed `scene` (cached), answer `queries`, write heat maps, GeoJSON, PNG previews, an HTML map and summary.json."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     if not queries and not classes: raise ValueError("give at least one query (or --classes for a class map)")
     log(f"model: {model_desc}")
     t0 = time.time()
     ex = SceneExplorer(model, scene, sensor=sensor, wavelengths=wavelengths, tile_size=tile_size, stride=stride, preset=preset,
-                       cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers)
+                       cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers, min_valid=min_valid)
     e = ex.embed()
     how = 'read from cache' if e.stats['from_cache'] else f"embedded {e.stats['tiles_embedded']} tiles ({e.stats['tiles_skipped']} nodata tiles skipped)"
     log(f"scene: {ex.scene!r}")
@@ -103,7 +105,7 @@ def run_explore(scene, queries, model, model_desc, out='explore_out', negatives=
     (out / 'summary.json').write_text(json.dumps(summary, indent=1, default=str))
     return summary
 
-# %% ../nbs/17_cli.ipynb #6d59018e
+# %% ../nbs/17_cli.ipynb #80c3cb65
 def _floats(text): return [float(v) for v in text.replace(',', ' ').split()]
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument('--tile-size', type=int, default=None, help="tile size in pixels (default: the model's input size)")
         s.add_argument('--stride', type=int, default=None, help='tile stride in pixels (default: tile size; smaller = overlapping tiles)')
         s.add_argument('--cache-dir', default=None, help='embedding cache folder (default $DOFACLIP_CACHE/embeddings or ~/.cache/dofaclip/embeddings)')
+        s.add_argument('--min-valid', type=float, default=None, help='tiles with a smaller valid (non-nodata) fraction are not embedded (default 0.5; demo 0.9)')
         s.add_argument('--batch-size', type=int, default=32)
         s.add_argument('--workers', type=int, default=0, help='DataLoader worker processes reading tiles')
         s.add_argument('--template', default=None, help="prompt template, e.g. 'a satellite image of {}'")
@@ -147,7 +150,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     classes = [c.strip() for c in args.classes.split(',') if c.strip()] if args.classes else None
     kw = dict(negatives=args.negative, classes=classes, top_k=args.top_k, tile_size=args.tile_size, stride=args.stride,
-              cache_dir=args.cache_dir, batch_size=args.batch_size, num_workers=args.workers, html=not args.no_html)
+              cache_dir=args.cache_dir, batch_size=args.batch_size, num_workers=args.workers, html=not args.no_html,
+              min_valid=args.min_valid if args.min_valid is not None else (0.9 if args.command == 'demo' else 0.5))
     try:
         if args.command == 'explore':
             model, desc = load_model(args.model)

@@ -7,7 +7,7 @@ __all__ = ['RGB_TARGETS', 'RGB_TOLERANCE_UM', 'is_any_band_model', 'rgb_band_ind
            'model_fingerprint', 'TileEncoder', 'default_cache_dir', 'TileDataset', 'cache_key', 'SceneEmbedding',
            'embed_scene', 'tokenizer_for', 'logit_scale_of', 'QueryResult', 'SceneExplorer']
 
-# %% ../nbs/15_explore.ipynb #66174109
+# %% ../nbs/15_explore.ipynb #5715ea55
 import hashlib, inspect, json, math, os, re, shutil, time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +23,7 @@ from rasterio.warp import transform as warp_transform
 from .sensors import validate_wavelengths, nearest_bands
 from .io import open_scene, tile_grid, read_tile, normalize
 
-# %% ../nbs/15_explore.ipynb #29e4fd18
+# %% ../nbs/15_explore.ipynb #5f364dad
 RGB_TARGETS = (0.665, 0.56, 0.49)  # red, green, blue centre wavelengths (um), as DOFA
 RGB_TOLERANCE_UM = 0.06            # a band further than this from red/green/blue is not that colour
 
@@ -46,7 +46,7 @@ def rgb_band_indices(wavelengths, tolerance=RGB_TOLERANCE_UM) -> list:
                 "and blue bands, or a DOFA-CLIP model, which takes any bands")
     return idx
 
-# %% ../nbs/15_explore.ipynb #1b9b5c50
+# %% ../nbs/15_explore.ipynb #e559a192
 def auto_preset(dtype) -> str:
     "Scaling preset for a scene's data type: 8-bit -> 'uint8', anything else -> 'reflectance'."
     return 'uint8' if np.dtype(dtype) == np.uint8 else 'reflectance'
@@ -72,7 +72,7 @@ class TilePrep:
             x = (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
         return x
 
-# %% ../nbs/15_explore.ipynb #57f0437c
+# %% ../nbs/15_explore.ipynb #7b540eef
 def _image_size(model) -> int:
     size = getattr(model, 'image_size', None) or getattr(getattr(model, 'visual', None), 'image_size', None)
     if size is None: raise ValueError(f"cannot tell the input size of {type(model).__name__}: pass tile_size and image_size")
@@ -127,7 +127,7 @@ class TileEncoder:
                     any_band=self.any_band, fingerprint=self.fingerprint, wavelengths=self.model_wavelengths,
                     bands=self.prep.bands, preset=self.prep.preset, image_size=self.prep.size)
 
-# %% ../nbs/15_explore.ipynb #4a84996e
+# %% ../nbs/15_explore.ipynb #250dcc76
 def default_cache_dir() -> Path:
     "Where embeddings are cached: `$DOFACLIP_CACHE` or `~/.cache/dofaclip`."
     return Path(os.environ.get('DOFACLIP_CACHE', Path.home() / '.cache' / 'dofaclip'))
@@ -153,7 +153,7 @@ def cache_key(scene, encoder, tile_size, stride, edge, min_valid) -> str:
                  tile_size=tile_size, stride=stride, edge=edge, min_valid=min_valid)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
-# %% ../nbs/15_explore.ipynb #845f66f3
+# %% ../nbs/15_explore.ipynb #484db99c
 @dataclass
 class SceneEmbedding:
     "Normalised tile embeddings of one scene with one model, and where each tile lies."
@@ -171,7 +171,7 @@ class SceneEmbedding:
         rc = np.array([(t.row, t.col) for t in self.tiles], dtype=np.int64).reshape(-1, 2)
         self.grid_rc = rc
         self.grid_shape = (int(rc[:, 0].max()) + 1, int(rc[:, 1].max()) + 1)
-        self.grid_transform = self.scene.transform * Affine.translation(off, off) * Affine.scale(stride)
+        self.grid_transform = self.scene.transform @ Affine.translation(off, off) @ Affine.scale(stride)
 
     def __len__(self): return len(self.tiles)
 
@@ -194,7 +194,7 @@ class SceneEmbedding:
 
     def tile_at(self, x, y) -> int:
         "Index of the embedded tile whose centre is nearest the point (x, y) in the scene's CRS, among the tiles containing it."
-        col, row = ~self.scene.transform * (x, y)
+        col, row = ~self.scene.transform @ (x, y)
         w = np.array([(t.window.col_off, t.window.row_off, t.window.width, t.window.height) for t in self.tiles], dtype=np.float64)
         inside = (col >= w[:, 0]) & (col < w[:, 0] + w[:, 2]) & (row >= w[:, 1]) & (row < w[:, 1] + w[:, 3]) & self.embedded
         if not inside.any():
@@ -203,7 +203,7 @@ class SceneEmbedding:
         d = (w[:, 0] + w[:, 2] / 2 - col) ** 2 + (w[:, 1] + w[:, 3] / 2 - row) ** 2
         return int(np.where(inside, d, np.inf).argmin())
 
-# %% ../nbs/15_explore.ipynb #de6eee6b
+# %% ../nbs/15_explore.ipynb #c7c1889a
 def _load_cached(folder: Path, scene, tiles):
     meta = json.loads((folder / 'meta.json').read_text())
     if meta['n_tiles'] != len(tiles):
@@ -262,7 +262,7 @@ def embed_scene(scene, model, tile_size=None, stride=None, edge='pad', preset='a
     out.stats = stats
     return out
 
-# %% ../nbs/15_explore.ipynb #07bcc42c
+# %% ../nbs/15_explore.ipynb #2afb890f
 def tokenizer_for(model):
     "The tokenizer that goes with `model`: dofaclip's for DOFA-CLIP models, open_clip's CLIP BPE otherwise."
     if is_any_band_model(model):
@@ -279,7 +279,7 @@ def logit_scale_of(model) -> float:
 
 def _slug(text) -> str: return re.sub(r'[^a-z0-9]+', '-', text.lower()).strip('-')[:40] or 'query'
 
-# %% ../nbs/15_explore.ipynb #2d0c62f1
+# %% ../nbs/15_explore.ipynb #e4ad6efb
 @dataclass
 class QueryResult:
     "Per-tile scores of one query on one scene embedding."
@@ -323,7 +323,7 @@ class QueryResult:
             t = e.tiles[i]; w = t.window
             cols = [w.col_off, w.col_off + w.width, w.col_off + w.width, w.col_off, w.col_off]
             rows = [w.row_off, w.row_off, w.row_off + w.height, w.row_off + w.height, w.row_off]
-            xs, ys = zip(*[e.scene.transform * (c, r) for c, r in zip(cols, rows)])
+            xs, ys = zip(*[e.scene.transform @ (c, r) for c, r in zip(cols, rows)])
             lon, lat = warp_transform(e.scene.crs, 'EPSG:4326', list(xs), list(ys))
             props = dict(rank=rank, tile=int(i), score=float(self.scores[i]), kind=self.kind,
                          query=self.prompts[0], row_off=int(w.row_off), col_off=int(w.col_off), size=int(w.width))
@@ -334,7 +334,7 @@ class QueryResult:
         if path is not None: Path(path).write_text(json.dumps(fc))
         return fc
 
-# %% ../nbs/15_explore.ipynb #347b97ae
+# %% ../nbs/15_explore.ipynb #b3868f8f
 class SceneExplorer:
     "A model and a scene: `embed()` once, then text, prompt-set and image queries are matrix products."
     def __init__(self, model, scene, tokenizer=None, sensor=None, wavelengths=None, **embed_kw):
@@ -382,6 +382,12 @@ class SceneExplorer:
         if not negatives:
             return QueryResult(e, [text], e.scores(self.text_features(text))[:, 0], 'similarity')
         return QueryResult(e, [text, *negatives], self._softmax([text, *negatives])[:, 0].astype(np.float32), 'probability')
+
+    def queries(self, texts) -> list:
+        "Several text queries at once: one matrix product (N, E) x (E, Q); a `QueryResult` per text."
+        e = self._need_embedding()
+        sims = e.scores(self.text_features(list(texts)))
+        return [QueryResult(e, [t], sims[:, j], 'similarity') for j, t in enumerate(texts)]
 
     def classify(self, prompts) -> QueryResult:
         "Zero-shot class map: softmax over `prompts` per tile; `labels` = best prompt, `scores` = its probability."
