@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['DEMO_TEMPLATE', 'DEMO_LABELS', 'load_model', 'demo_model', 'run_explore', 'build_parser', 'main']
 
-# %% ../nbs/17_cli.ipynb #10f9e7fb
+# %% ../nbs/17_cli.ipynb #3a6695d8
 import argparse, json, sys, time
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from .io import open_scene, sample_path
 from .explore import SceneExplorer, default_cache_dir, _slug
 from .mapview import MapState, save_html, save_preview
 
-# %% ../nbs/17_cli.ipynb #a061ef9a
+# %% ../nbs/17_cli.ipynb #ad712a65
 def load_model(spec: str):
     "A model and a one-line description of it from `spec` (folder, `open_clip:ARCH[:FILE]`, or a dofaclip config name)."
     if spec.startswith('open_clip:'):
@@ -36,7 +36,7 @@ def load_model(spec: str):
     raise ValueError(f"--model {spec!r} is not a folder, an open_clip:ARCH name or one of {list_models()}: "
                      "pass a checkpoint folder (open_clip_config.json + weights)")
 
-# %% ../nbs/17_cli.ipynb #3fc237d4
+# %% ../nbs/17_cli.ipynb #0152d3a5
 DEMO_TEMPLATE = 'a satellite image of mostly {}'
 DEMO_LABELS = ['water', 'vegetation', 'bare soil']
 
@@ -57,7 +57,7 @@ def demo_model(folder=None, epochs=None, log=print):
         if folder.is_file(): folder = folder.parent
     return load_pretrained(folder), folder
 
-# %% ../nbs/17_cli.ipynb #6e2677c8
+# %% ../nbs/17_cli.ipynb #fb0946d8
 def run_explore(scene, queries, model, model_desc, out='explore_out', negatives=(), classes=None, top_k=10,
                 tile_size=None, stride=None, preset='auto', sensor=None, wavelengths=None, cache_dir=None,
                 batch_size=32, num_workers=0, template=None, html=True, min_valid=0.5, log=print) -> dict:
@@ -105,7 +105,7 @@ def run_explore(scene, queries, model, model_desc, out='explore_out', negatives=
     (out / 'summary.json').write_text(json.dumps(summary, indent=1, default=str))
     return summary
 
-# %% ../nbs/17_cli.ipynb #80c3cb65
+# %% ../nbs/17_cli.ipynb #ec772844
 def _floats(text): return [float(v) for v in text.replace(',', ' ').split()]
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,7 +165,10 @@ def main(argv=None) -> int:
             else:
                 model, folder = demo_model(epochs=args.epochs)
                 desc = f"DEMO tiny DOFA-CLIP trained on the bundled rasters ({folder})"
-            run_explore(sample_path('landsat8_b234.tif'), args.query or ['water'], model, desc, out=args.out or 'demo_out',
+            queries = args.query or ['water']
+            if not args.negative:  # the other demo words as background: scores become probabilities
+                kw['negatives'] = [w for w in DEMO_LABELS if w not in queries]
+            run_explore(sample_path('landsat8_b234.tif'), queries, model, desc, out=args.out or 'demo_out',
                         preset=MODALITY_RANGES['landsat8_l1'], template=args.template or DEMO_TEMPLATE,
                         **{**kw, 'classes': classes or DEMO_LABELS, 'tile_size': args.tile_size or 64, 'stride': args.stride or 32})
     except (ValueError, FileNotFoundError, RuntimeError, TypeError) as e:

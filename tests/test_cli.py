@@ -74,3 +74,19 @@ def test_explore_errors_are_clear(tmp_path):
     res = dofaclip('explore', sample_path('landsat8_b234.tif'), 'water', '--model', 'dofaclip-tiny',
                    '--wavelengths', '490,560,665', '--out', tmp_path / 'o', cache=tmp_path / 'cache')
     assert res.returncode == 2 and 'nanometres' in res.stderr
+
+
+def test_demo_with_given_weights(tmp_path):
+    "`dofaclip demo` (the README's command) on the bundled Landsat scene; --weights skips training the demo model."
+    from dofaclip.model import create_model
+    from dofaclip.weights import save_pretrained
+    weights = save_pretrained(create_model('dofaclip-tiny'), tmp_path / 'tiny')
+    weights = weights if weights.is_dir() else weights.parent
+    out = tmp_path / 'demo_out'
+    res = dofaclip('demo', '--query', 'water', '--weights', weights, '--out', out, cache=tmp_path / 'cache')
+    assert res.returncode == 0, res.stderr
+    assert f'model: DOFA-CLIP from {weights.resolve()}' in res.stdout
+    assert "query 'a satellite image of mostly water' (probability" in res.stdout      # demo phrasing + demo negatives
+    assert {'heatmap_water.tif', 'top10_water.geojson', 'preview_water.png', 'classes.tif', 'map.html'} <= {p.name for p in out.iterdir()}
+    summary = json.loads((out / 'summary.json').read_text())
+    assert summary['queries'][0]['negatives'] == ['a satellite image of mostly vegetation', 'a satellite image of mostly bare soil']
