@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['DEMO_TEMPLATE', 'DEMO_LABELS', 'load_model', 'demo_model', 'run_explore', 'build_parser', 'main']
 
-# %% ../nbs/17_cli.ipynb #3a6695d8
+# %% ../nbs/17_cli.ipynb #53b21c3c
 import argparse, json, sys, time
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from .io import open_scene, sample_path
 from .explore import SceneExplorer, default_cache_dir, _slug
 from .mapview import MapState, save_html, save_preview
 
-# %% ../nbs/17_cli.ipynb #ad712a65
+# %% ../nbs/17_cli.ipynb #6cff7432
 def load_model(spec: str):
     "A model and a one-line description of it from `spec` (folder, `open_clip:ARCH[:FILE]`, or a dofaclip config name)."
     if spec.startswith('open_clip:'):
@@ -36,7 +36,7 @@ def load_model(spec: str):
     raise ValueError(f"--model {spec!r} is not a folder, an open_clip:ARCH name or one of {list_models()}: "
                      "pass a checkpoint folder (open_clip_config.json + weights)")
 
-# %% ../nbs/17_cli.ipynb #0152d3a5
+# %% ../nbs/17_cli.ipynb #8405328c
 DEMO_TEMPLATE = 'a satellite image of mostly {}'
 DEMO_LABELS = ['water', 'vegetation', 'bare soil']
 
@@ -57,7 +57,7 @@ def demo_model(folder=None, epochs=None, log=print):
         if folder.is_file(): folder = folder.parent
     return load_pretrained(folder), folder
 
-# %% ../nbs/17_cli.ipynb #fb0946d8
+# %% ../nbs/17_cli.ipynb #9b6f3bb7
 def run_explore(scene, queries, model, model_desc, out='explore_out', negatives=(), classes=None, top_k=10,
                 tile_size=None, stride=None, preset='auto', sensor=None, wavelengths=None, cache_dir=None,
                 batch_size=32, num_workers=0, template=None, html=True, min_valid=0.5, log=print) -> dict:
@@ -105,7 +105,7 @@ def run_explore(scene, queries, model, model_desc, out='explore_out', negatives=
     (out / 'summary.json').write_text(json.dumps(summary, indent=1, default=str))
     return summary
 
-# %% ../nbs/17_cli.ipynb #ec772844
+# %% ../nbs/17_cli.ipynb #34cd8a87
 def _floats(text): return [float(v) for v in text.replace(',', ' ').split()]
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ __all__ = ['RGB_TARGETS', 'RGB_TOLERANCE_UM', 'is_any_band_model', 'rgb_band_ind
            'model_fingerprint', 'TileEncoder', 'default_cache_dir', 'TileDataset', 'cache_key', 'SceneEmbedding',
            'embed_scene', 'tokenizer_for', 'logit_scale_of', 'QueryResult', 'SceneExplorer']
 
-# %% ../nbs/15_explore.ipynb #5715ea55
+# %% ../nbs/15_explore.ipynb #ea50f172
 import hashlib, inspect, json, math, os, re, shutil, time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +23,7 @@ from rasterio.warp import transform as warp_transform
 from .sensors import validate_wavelengths, nearest_bands
 from .io import open_scene, tile_grid, read_tile, normalize
 
-# %% ../nbs/15_explore.ipynb #5f364dad
+# %% ../nbs/15_explore.ipynb #775fdd5b
 RGB_TARGETS = (0.665, 0.56, 0.49)  # red, green, blue centre wavelengths (um), as DOFA
 RGB_TOLERANCE_UM = 0.06            # a band further than this from red/green/blue is not that colour
 
@@ -46,7 +46,7 @@ def rgb_band_indices(wavelengths, tolerance=RGB_TOLERANCE_UM) -> list:
                 "and blue bands, or a DOFA-CLIP model, which takes any bands")
     return idx
 
-# %% ../nbs/15_explore.ipynb #e559a192
+# %% ../nbs/15_explore.ipynb #bb52ba1f
 def auto_preset(dtype) -> str:
     "Scaling preset for a scene's data type: 8-bit -> 'uint8', anything else -> 'reflectance'."
     return 'uint8' if np.dtype(dtype) == np.uint8 else 'reflectance'
@@ -72,7 +72,7 @@ class TilePrep:
             x = (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
         return x
 
-# %% ../nbs/15_explore.ipynb #7b540eef
+# %% ../nbs/15_explore.ipynb #de5debd7
 def _image_size(model) -> int:
     size = getattr(model, 'image_size', None) or getattr(getattr(model, 'visual', None), 'image_size', None)
     if size is None: raise ValueError(f"cannot tell the input size of {type(model).__name__}: pass tile_size and image_size")
@@ -127,7 +127,7 @@ class TileEncoder:
                     any_band=self.any_band, fingerprint=self.fingerprint, wavelengths=self.model_wavelengths,
                     bands=self.prep.bands, preset=self.prep.preset, image_size=self.prep.size)
 
-# %% ../nbs/15_explore.ipynb #250dcc76
+# %% ../nbs/15_explore.ipynb #2d2402fb
 def default_cache_dir() -> Path:
     "Where embeddings are cached: `$DOFACLIP_CACHE` or `~/.cache/dofaclip`."
     return Path(os.environ.get('DOFACLIP_CACHE', Path.home() / '.cache' / 'dofaclip'))
@@ -153,7 +153,7 @@ def cache_key(scene, encoder, tile_size, stride, edge, min_valid) -> str:
                  tile_size=tile_size, stride=stride, edge=edge, min_valid=min_valid)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
-# %% ../nbs/15_explore.ipynb #484db99c
+# %% ../nbs/15_explore.ipynb #fbc3fef2
 @dataclass
 class SceneEmbedding:
     "Normalised tile embeddings of one scene with one model, and where each tile lies."
@@ -203,7 +203,7 @@ class SceneEmbedding:
         d = (w[:, 0] + w[:, 2] / 2 - col) ** 2 + (w[:, 1] + w[:, 3] / 2 - row) ** 2
         return int(np.where(inside, d, np.inf).argmin())
 
-# %% ../nbs/15_explore.ipynb #c7c1889a
+# %% ../nbs/15_explore.ipynb #44f2cbbd
 def _load_cached(folder: Path, scene, tiles):
     meta = json.loads((folder / 'meta.json').read_text())
     if meta['n_tiles'] != len(tiles):
@@ -262,7 +262,7 @@ def embed_scene(scene, model, tile_size=None, stride=None, edge='pad', preset='a
     out.stats = stats
     return out
 
-# %% ../nbs/15_explore.ipynb #2afb890f
+# %% ../nbs/15_explore.ipynb #94894775
 def tokenizer_for(model):
     "The tokenizer that goes with `model`: dofaclip's for DOFA-CLIP models, open_clip's CLIP BPE otherwise."
     if is_any_band_model(model):
@@ -279,7 +279,7 @@ def logit_scale_of(model) -> float:
 
 def _slug(text) -> str: return re.sub(r'[^a-z0-9]+', '-', text.lower()).strip('-')[:40] or 'query'
 
-# %% ../nbs/15_explore.ipynb #e4ad6efb
+# %% ../nbs/15_explore.ipynb #ecf63fe8
 @dataclass
 class QueryResult:
     "Per-tile scores of one query on one scene embedding."
@@ -334,7 +334,7 @@ class QueryResult:
         if path is not None: Path(path).write_text(json.dumps(fc))
         return fc
 
-# %% ../nbs/15_explore.ipynb #b3868f8f
+# %% ../nbs/15_explore.ipynb #fb33685b
 class SceneExplorer:
     "A model and a scene: `embed()` once, then text, prompt-set and image queries are matrix products."
     def __init__(self, model, scene, tokenizer=None, sensor=None, wavelengths=None, **embed_kw):

@@ -6,7 +6,7 @@
 __all__ = ['DEFAULT_LABELS', 'MercatorGrid', 'scene_overview', 'png_data_url', 'decode_data_url', 'colorize', 'class_colors',
            'MapState', 'ExploreMap', 'leaflet_assets', 'save_html', 'save_preview']
 
-# %% ../nbs/16_mapview.ipynb #22396de9
+# %% ../nbs/16_mapview.ipynb #af756a13
 import base64, io, json, re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +22,7 @@ from .io import rgb_preview
 from .sensors import nearest_bands
 from .explore import SceneExplorer, QueryResult
 
-# %% ../nbs/16_mapview.ipynb #7a68dbd4
+# %% ../nbs/16_mapview.ipynb #07fe1be8
 @dataclass
 class MercatorGrid:
     "A raster grid in EPSG:3857 covering a scene; `bounds` = ((S, W), (N, E)) in degrees, as Leaflet wants."
@@ -53,7 +53,7 @@ class MercatorGrid:
                   dst_transform=self.transform, dst_crs='EPSG:3857', dst_nodata=np.nan, resampling=resampling)
         return out[0] if a.ndim == 2 else out
 
-# %% ../nbs/16_mapview.ipynb #72cef1fe
+# %% ../nbs/16_mapview.ipynb #2a105f0e
 def scene_overview(scene, max_size=1024):
     "Decimated read of the whole scene (long side <= `max_size`): pixels (C, h, w) float32, valid (h, w), transform."
     s = max(1.0, max(scene.width, scene.height) / max_size)
@@ -91,7 +91,7 @@ def class_colors(n: int) -> np.ndarray:
     cmap = matplotlib.colormaps['tab10' if n <= 10 else 'tab20']
     return (np.array([cmap(i % cmap.N)[:3] for i in range(n)]) * 255).round().astype(np.uint8)
 
-# %% ../nbs/16_mapview.ipynb #a5358a89
+# %% ../nbs/16_mapview.ipynb #6b5d07ff
 DEFAULT_LABELS = ['water', 'forest', 'farmland', 'grassland', 'bare soil', 'a city', 'a road', 'clouds']
 
 def _latlon_to_scene(scene, lat, lon):
@@ -179,7 +179,7 @@ class MapState:
         x, y = _latlon_to_scene(self.scene, lat, lon)
         return self.explorer.labels_at(x, y, self.labels, k=k)
 
-# %% ../nbs/16_mapview.ipynb #4cf3a752
+# %% ../nbs/16_mapview.ipynb #dc9831df
 class ExploreMap:
     "The leafmap widget over a `MapState`: `.map` to display; controls are attributes so code (and tests) can drive them."
     def __init__(self, state: MapState, basemap=False, height='600px'):
@@ -246,7 +246,7 @@ class ExploreMap:
         self.info.value = '<b>labels here</b><br>' + '<br>'.join(f'{l}: {p:.2f}' for l, p in labels)
         return labels
 
-# %% ../nbs/16_mapview.ipynb #49d5e073
+# %% ../nbs/16_mapview.ipynb #9ff736da
 def _labextension_dir() -> Path:
     import sys
     for root in [Path(sys.prefix), Path(sys.base_prefix), Path.home() / '.local']:
@@ -276,7 +276,7 @@ for(var id in mods){if(String(mods[id]).indexOf('noConflict')<0)continue;var m={
 mods[id].call(m.exports,m,m.exports,function(){throw new Error('leaflet module needs no dependencies');});
 if(window.L&&window.L.map)break;}})();"""
 
-# %% ../nbs/16_mapview.ipynb #9c7830b6
+# %% ../nbs/16_mapview.ipynb #b0b28da8
 _HTML = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{title}</title>
 <style>{css}</style>
@@ -335,7 +335,7 @@ def save_html(state: MapState, path, results=None, k=10, title=None) -> Path:
     path = Path(path); path.write_text(html, encoding='utf-8')
     return path
 
-# %% ../nbs/16_mapview.ipynb #0972c045
+# %% ../nbs/16_mapview.ipynb #71698b85
 def save_preview(result: QueryResult, path, k=10, bands=None, max_size=1024, alpha=0.6, title=None) -> Path:
     "PNG: the scene with `result`'s heat map (or class map) and its top-k tiles outlined."
     import matplotlib; matplotlib.use('Agg', force=False)
