@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['DEMO_TEMPLATE', 'DEMO_LABELS', 'load_model', 'demo_model', 'run_explore', 'build_parser', 'main']
 
-# %% ../nbs/17_cli.ipynb #53b21c3c
+# %% ../nbs/17_cli.ipynb #ebcfc147
 import argparse, json, sys, time
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from .io import open_scene, sample_path
 from .explore import SceneExplorer, default_cache_dir, _slug
 from .mapview import MapState, save_html, save_preview
 
-# %% ../nbs/17_cli.ipynb #6cff7432
+# %% ../nbs/17_cli.ipynb #ae6a2fc2
 def load_model(spec: str):
     "A model and a one-line description of it from `spec` (folder, `open_clip:ARCH[:FILE]`, or a dofaclip config name)."
     if spec.startswith('open_clip:'):
@@ -36,7 +36,7 @@ def load_model(spec: str):
     raise ValueError(f"--model {spec!r} is not a folder, an open_clip:ARCH name or one of {list_models()}: "
                      "pass a checkpoint folder (open_clip_config.json + weights)")
 
-# %% ../nbs/17_cli.ipynb #8405328c
+# %% ../nbs/17_cli.ipynb #f3a59b8b
 DEMO_TEMPLATE = 'a satellite image of mostly {}'
 DEMO_LABELS = ['water', 'vegetation', 'bare soil']
 
@@ -57,16 +57,16 @@ def demo_model(folder=None, epochs=None, log=print):
         if folder.is_file(): folder = folder.parent
     return load_pretrained(folder), folder
 
-# %% ../nbs/17_cli.ipynb #9b6f3bb7
+# %% ../nbs/17_cli.ipynb #a89c02c8
 def run_explore(scene, queries, model, model_desc, out='explore_out', negatives=(), classes=None, top_k=10,
                 tile_size=None, stride=None, preset='auto', sensor=None, wavelengths=None, cache_dir=None,
-                batch_size=32, num_workers=0, template=None, html=True, min_valid=0.5, log=print) -> dict:
+                batch_size=32, num_workers=0, template=None, html=True, min_valid=0.5, tokenizer=None, log=print) -> dict:
     "Embed `scene` (cached), answer `queries`, write heat maps, GeoJSON, PNG previews, an HTML map and summary.json."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     if not queries and not classes: raise ValueError("give at least one query (or --classes for a class map)")
     log(f"model: {model_desc}")
     t0 = time.time()
-    ex = SceneExplorer(model, scene, sensor=sensor, wavelengths=wavelengths, tile_size=tile_size, stride=stride, preset=preset,
+    ex = SceneExplorer(model, scene, tokenizer=tokenizer, sensor=sensor, wavelengths=wavelengths, tile_size=tile_size, stride=stride, preset=preset,
                        cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers, min_valid=min_valid)
     e = ex.embed()
     how = 'read from cache' if e.stats['from_cache'] else f"embedded {e.stats['tiles_embedded']} tiles ({e.stats['tiles_skipped']} nodata tiles skipped)"
@@ -105,7 +105,7 @@ def run_explore(scene, queries, model, model_desc, out='explore_out', negatives=
     (out / 'summary.json').write_text(json.dumps(summary, indent=1, default=str))
     return summary
 
-# %% ../nbs/17_cli.ipynb #34cd8a87
+# %% ../nbs/17_cli.ipynb #2c97da12
 def _floats(text): return [float(v) for v in text.replace(',', ' ').split()]
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,6 +155,9 @@ def main(argv=None) -> int:
     try:
         if args.command == 'explore':
             model, desc = load_model(args.model)
+            if args.model.startswith('open_clip:'):   # the architecture's own tokenizer (context length, vocabulary)
+                import open_clip
+                kw['tokenizer'] = open_clip.get_tokenizer(args.model.split(':')[1])
             run_explore(args.scene, args.queries, model, desc, out=args.out or 'explore_out', sensor=args.sensor,
                         wavelengths=args.wavelengths, preset=_preset(args.preset), template=args.template, **kw)
         else:
