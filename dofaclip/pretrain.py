@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['teacher_specs', 'VECTStudent', 'TeacherTargets', 'VECTLossFunc', 'LossComponent', 'component_names',
-           'AtomicCheckpoint', 'resume_checkpoint', 'DDPTrainer', 'init_distributed', 'vect_learner', 'fit_vect',
-           'component_history']
+           'AtomicCheckpoint', 'resume_checkpoint', 'DDPTrainer', 'init_distributed', 'NoDecayOnGains', 'vect_learner',
+           'fit_vect', 'component_history', 'caption_retrieval', 'train_demo_model']
 
-# %% ../nbs/10_pretrain.ipynb #f5211e9a
+# %% ../nbs/10_pretrain.ipynb #48a4ded1
 import math, os, random
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +24,7 @@ from .maka import make_translators
 from .losses import VECTLoss
 from .teachers import Teacher, TeacherCache, _band_vector
 
-# %% ../nbs/10_pretrain.ipynb #94de78ab
+# %% ../nbs/10_pretrain.ipynb #9a592c2d
 def teacher_specs(teachers) -> dict:
     "Width and grid of each teacher, from `Teacher`s or a `TeacherCache` (no teacher needed)."
     if isinstance(teachers, TeacherCache):
@@ -51,7 +51,7 @@ class VECTStudent(nn.Module):
         out['distill'] = {n: tr[n](patch, wavelengths) if n in tr else patch for n in self.specs}
         return out
 
-# %% ../nbs/10_pretrain.ipynb #0b812274
+# %% ../nbs/10_pretrain.ipynb #54877ee7
 class TeacherTargets(Callback):
     "Replace the batch's sample ids by teachers' patch tokens: online `teachers` or a `TeacherCache`."
     order = 5
@@ -97,7 +97,7 @@ class LossComponent(Metric):
 def component_names(teacher_names) -> list:
     return ['contrastive'] + [f'{t}{s}' for t in teacher_names for s in ('', '_mse', '_smooth_l1', '_cosine', '_cos_sim')]
 
-# %% ../nbs/10_pretrain.ipynb #8bcf4a34
+# %% ../nbs/10_pretrain.ipynb #9e086306
 def _unwrap(model): return model.module if isinstance(model, DistributedDataParallel) else model
 
 def _rng_state(learn) -> dict:
@@ -139,7 +139,7 @@ def resume_checkpoint(learn, path) -> int:
     _set_rng_state(learn, state['rng'])
     return state['epoch'] + 1
 
-# %% ../nbs/10_pretrain.ipynb #d40a6657
+# %% ../nbs/10_pretrain.ipynb #654315ed
 class DDPTrainer(Callback):
     "Wrap `learn.model` in `DistributedDataParallel` for the fit (process group must be initialised)."
     order = 11
@@ -157,7 +157,15 @@ def init_distributed() -> tuple:
     if torch.cuda.is_available(): torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
     return dist.get_rank(), dist.get_world_size()
 
-# %% ../nbs/10_pretrain.ipynb #9cb52603
+# %% ../nbs/10_pretrain.ipynb #60fa7ffa
+class NoDecayOnGains(Callback):
+    "Turn weight decay off for parameters with < 2 dims (norm gains, biases, logit scale/bias), as open_clip does."
+    order = 0
+    def before_fit(self):
+        for p in self.learn.opt.all_params(with_grad=False):
+            if p[0].ndim < 2: p[2]['do_wd'] = False
+
+# %% ../nbs/10_pretrain.ipynb #8852209f
 def vect_learner(dls, model, teachers: dict | None = None, cache: TeacherCache | None = None, teacher_weights: dict | None = None,
                  contrastive: str | None = None, lock_text: bool = True, lr: float = 5e-4, wd: float = 0.2,
                  grad_clip: float | None = 1.0, checkpoint: str | Path | None = None, rank: int = 0, world_size: int = 1,
@@ -169,7 +177,7 @@ def vect_learner(dls, model, teachers: dict | None = None, cache: TeacherCache |
     if contrastive is None: contrastive = 'siglip' if getattr(model, 'logit_bias', None) is not None else 'clip'
     student = VECTStudent(model, source, lock_text=lock_text)
     loss = VECTLossFunc(VECTLoss(weights, contrastive, rank=rank, world_size=world_size))
-    callbacks = [TeacherTargets(teachers if cache is None else None, cache)]
+    callbacks = [TeacherTargets(teachers if cache is None else None, cache), NoDecayOnGains()]
     if grad_clip: callbacks.append(GradientClip(grad_clip))
     if checkpoint is not None: callbacks.append(AtomicCheckpoint(checkpoint, rank))
     if world_size > 1: callbacks.append(DDPTrainer())
@@ -192,3 +200,43 @@ def component_history(learn):
     names = [n for n in learn.recorder.metric_names if n not in ('epoch', 'time')]
     rows = [v for v in learn.recorder.values]
     return pd.DataFrame(rows, columns=names[:len(rows[0])] if rows else names)
+
+# %% ../nbs/10_pretrain.ipynb #d74b22f7
+@torch.no_grad()
+def caption_retrieval(model, dataset, tokenizer, bs: int = 64) -> dict:
+    "Image->text top-1 over the distinct captions of `dataset`: accuracy, chance (1/K) and majority baseline."
+    model = _unwrap(model); model = getattr(model, 'clip', model)
+    was_training = model.training; model.eval()
+    captions = sorted({r['caption'] for r in dataset.records})
+    device = next(model.parameters()).device
+    text = model.encode_text(tokenizer(captions).to(device), normalize=True)
+    truth, guess = [], []
+    for idxs in dataset.groups().values():
+        for j in range(0, len(idxs), bs):
+            items = [dataset[i] for i in idxs[j:j + bs]]
+            img = model.encode_image(torch.stack([it[0] for it in items]).to(device), items[0][2].tolist(), normalize=True)
+            guess += (img @ text.T).argmax(1).tolist()
+            truth += [captions.index(dataset.records[i]['caption']) for i in idxs[j:j + bs]]
+    model.train(was_training)
+    truth, guess = np.array(truth), np.array(guess)
+    return dict(top1=float((truth == guess).mean()), chance=1 / len(captions),
+                majority=float(np.bincount(truth).max() / len(truth)), n_captions=len(captions), n_images=len(truth))
+
+def train_demo_model(out_dir, epochs: int = 8, lr: float = 2e-3, bs: int = 16, seed: int = 0) -> Path:
+    "DEMO: pretrain dofaclip-tiny with two tiny random teachers on the bundled-raster demo set; save it; return its folder."
+    from dofaclip.model import create_model, get_tokenizer
+    from dofaclip.data import build_demo_set, image_text_dls
+    from dofaclip.teachers import tiny_teachers
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed); random.seed(seed); np.random.seed(seed)
+    manifest = build_demo_set(out_dir / 'demo_set')
+    teachers = tiny_teachers()
+    model = create_model('dofaclip-tiny')
+    dls = image_text_dls(manifest, get_tokenizer(model), size=model.image_size, bs=bs, seed=seed)
+    learn = vect_learner(dls, model, teachers=teachers)
+    with learn.no_bar(), learn.no_logging(): fit_vect(learn, epochs, lr)
+    del model.translators   # training-only heads: the saved model is a plain DOFA-CLIP
+    save_dir = out_dir / 'dofaclip-tiny-demo'
+    from dofaclip.weights import save_pretrained
+    save_pretrained(model, save_dir)
+    return save_dir
