@@ -7,7 +7,7 @@ __all__ = ['MODALITY_RANGES', 'DEMO_SOURCES', 'scale_modality', 'rasterio_count'
            'WavelengthGroupedDL', 'split_records', 'image_text_dls', 'teacher_batches', 'landsat_cover', 'rgbn_cover',
            'cover_caption', 'build_demo_set']
 
-# %% ../nbs/09_data.ipynb #32a6c97a
+# %% ../nbs/09_data.ipynb #2185b8c7
 import csv, json, math, random, warnings
 from pathlib import Path
 import numpy as np
@@ -18,7 +18,7 @@ from fastai.data.core import DataLoaders
 from .sensors import validate_wavelengths, wavelengths as sensor_wavelengths
 from .io import open_scene, tile_grid, read_tile, sample_path
 
-# %% ../nbs/09_data.ipynb #d0fbc466
+# %% ../nbs/09_data.ipynb #10bc9754
 MODALITY_RANGES = {
     'uint8': (0.0, 255.0),                 # 8-bit RGB / RGBN products
     'reflectance': (0.0, 10000.0),         # Sentinel-2 L2A / Landsat C2 L2 surface reflectance x 10^4
@@ -40,7 +40,7 @@ def scale_modality(pixels, modality: str, ranges: dict | None = None, valid=None
     x[:, bad] = 0
     return x
 
-# %% ../nbs/09_data.ipynb #c4139cab
+# %% ../nbs/09_data.ipynb #8bbe1173
 def _image_bands(path: Path) -> int:
     if path.suffix.lower() == '.npy':
         arr = np.load(path, mmap_mode='r')
@@ -86,7 +86,7 @@ def read_manifest(path, on_error: str = 'raise') -> list:
     if errors: warnings.warn(f"skipped {len(errors)} bad manifest rows of {path.name}; first: {errors[0]}")
     return records
 
-# %% ../nbs/09_data.ipynb #1413cb43
+# %% ../nbs/09_data.ipynb #07275ab4
 class ImageTextDataset(torch.utils.data.Dataset):
     "Manifest records -> (image (C,S,S) in [0,1], tokens (L,), wavelengths (C,), id); random resized crops when `augment`."
     def __init__(self, records, tokenizer, size: int = 64, augment: bool = False, crop_scale=(0.35, 1.0), ranges=None):
@@ -126,7 +126,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         for i, r in enumerate(self.records): out.setdefault(r['wavelengths'], []).append(i)
         return out
 
-# %% ../nbs/09_data.ipynb #e53fe14d
+# %% ../nbs/09_data.ipynb #02270c84
 class WavelengthGroupedDL(FastaiDataLoader):
     "fastai DataLoader whose batches each hold one wavelength set; `mix` weights modalities; DDP-aware via rank/world_size."
     n_inp = 3
@@ -174,8 +174,9 @@ class WavelengthGroupedDL(FastaiDataLoader):
             if part: yield self.do_batch([self.do_item(i) for i in part])
 
     def _local(self, batch):
-        "This rank's slice of a global batch."
+        "This rank's slice of a global batch (a short last batch is padded by repetition so every rank gets as many)."
         per = math.ceil(len(batch) / self.world_size)
+        batch = (batch * self.world_size)[:per * self.world_size] if len(batch) < per * self.world_size else batch
         return batch[self.rank * per:(self.rank + 1) * per]
 
     def new(self, dataset=None, **kwargs):
@@ -183,7 +184,7 @@ class WavelengthGroupedDL(FastaiDataLoader):
                           drop_last=kwargs.get('drop_last', self.drop_last), mix=self.mix, rank=self.rank, world_size=self.world_size,
                           device=kwargs.get('device', self.device))
 
-# %% ../nbs/09_data.ipynb #353c66d2
+# %% ../nbs/09_data.ipynb #d448ecf7
 def split_records(records, valid_pct=0.2, seed=0):
     "Train/valid records: by the manifest's `split` column when filled, else a seeded random split."
     if any(r['split'] for r in records):
@@ -214,7 +215,7 @@ def teacher_batches(dataset, bs=32):
             items = [dataset[i] for i in idxs[j:j + bs]]
             yield torch.stack([it[0] for it in items]), items[0][2], torch.tensor([it[3] for it in items])
 
-# %% ../nbs/09_data.ipynb #0475684c
+# %% ../nbs/09_data.ipynb #f136c25c
 def landsat_cover(pixels, valid) -> dict:
     "Land-cover fractions of a Landsat-8 L1 B2,B3,B4 tile (DN) by the demo rule (excess green, red brightness)."
     b, g, r = (band[valid] for band in pixels)
@@ -236,7 +237,7 @@ def cover_caption(fractions: dict, subject='a satellite image') -> str:
     if fa >= 0.5: return f"{subject} of mostly {a}" + (f" with some {b}" if fb >= 0.2 else '')
     return f"{subject} of {a} and {b}"
 
-# %% ../nbs/09_data.ipynb #accb3558
+# %% ../nbs/09_data.ipynb #127f26c9
 DEMO_SOURCES = [  # file, sensor preset, modality, cover rule, caption subject
     ('landsat8_b234.tif', None, 'landsat8_l1', landsat_cover, 'a satellite image'),
     ('rgbn_5m_20160101.tif', 'rgbn', 'uint8', rgbn_cover, 'an aerial image'),
