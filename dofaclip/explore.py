@@ -112,20 +112,24 @@ class TileEncoder:
         if self._fingerprint is None: self._fingerprint = model_fingerprint(self.model)
         return self._fingerprint
 
+    @property
+    def precision(self) -> str: return 'bf16' if self.device.type == 'cuda' else 'fp32'
+
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        "L2-normalised embeddings (B, E) of prepared images (B, C, S, S)."
+        "L2-normalised embeddings (B, E) of prepared images (B, C, S, S); bf16 autocast on a GPU."
         self.model.eval()
-        images = images.to(self.device)
-        if self.any_band: feats = self.model.encode_image(images, self.model_wavelengths)
-        else: feats = self.model.encode_image(images)
+        images = images.to(self.device, non_blocking=True)
+        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=self.precision == 'bf16'):
+            if self.any_band: feats = self.model.encode_image(images, self.model_wavelengths)
+            else: feats = self.model.encode_image(images)
         return F.normalize(feats.float(), dim=-1).cpu()
 
     def describe(self) -> dict:
         return dict(model=type(self.model).__name__, model_name=getattr(self.model, 'config', {}).get('name')
                     if isinstance(getattr(self.model, 'config', None), dict) else None,
                     any_band=self.any_band, fingerprint=self.fingerprint, wavelengths=self.model_wavelengths,
-                    bands=self.prep.bands, preset=self.prep.preset, image_size=self.prep.size)
+                    bands=self.prep.bands, preset=self.prep.preset, image_size=self.prep.size, precision=self.precision)
 
 # %% ../nbs/15_explore.ipynb #2d2402fb
 def default_cache_dir() -> Path:
@@ -150,7 +154,7 @@ def cache_key(scene, encoder, tile_size, stride, edge, min_valid) -> str:
     parts = dict(file=str(p), size=st.st_size, mtime=st.st_mtime_ns, model=encoder.fingerprint,
                  wavelengths=[round(w, 6) for w in encoder.model_wavelengths], bands=encoder.prep.bands,
                  preset=list(encoder.prep.preset) if not isinstance(encoder.prep.preset, str) else encoder.prep.preset, image_size=encoder.prep.size, mean=encoder.prep.mean,
-                 tile_size=tile_size, stride=stride, edge=edge, min_valid=min_valid)
+                 tile_size=tile_size, stride=stride, edge=edge, min_valid=min_valid, precision=encoder.precision)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 # %% ../nbs/15_explore.ipynb #fbc3fef2
@@ -164,6 +168,8 @@ class SceneEmbedding:
     meta: dict
     path: Path = None           # cache folder
     stats: dict = field(default_factory=dict)  # this call: tiles read / embedded / skipped, from_cache
+    device: str = 'cpu'         # where queries run
+    max_query_bytes: int = 2**30  # embeddings up to this size stay in memory as one matrix for queries
 
     def __post_init__(self):
         size, stride = self.meta['tile_size'], self.meta['stride']
@@ -175,13 +181,23 @@ class SceneEmbedding:
 
     def __len__(self): return len(self.tiles)
 
+    def query_matrix(self):
+        "The embeddings as one tensor on `device` (fp16 on a GPU, fp32 on CPU), loaded once; None if too large."
+        if getattr(self, '_matrix', None) is None:
+            dtype = torch.float16 if torch.device(self.device).type == 'cuda' else torch.float32
+            if self.embeddings.shape[0] * self.embeddings.shape[1] * dtype.itemsize > self.max_query_bytes: return None
+            self._matrix = torch.from_numpy(np.ascontiguousarray(self.embeddings)).to(self.device, dtype)
+        return self._matrix
+
+    @torch.inference_mode()
     def scores(self, queries, chunk=65536) -> np.ndarray:
         "Cosine similarity (N, Q) of every tile with normalised `queries` (Q, E); NaN where not embedded."
-        q = np.asarray(queries, dtype=np.float32).reshape(-1, self.embeddings.shape[1])
-        out = np.full((len(self), len(q)), np.nan, dtype=np.float32)
-        for s in range(0, len(self), chunk):   # chunks keep memory bounded for huge scenes
-            e = np.asarray(self.embeddings[s:s + chunk], dtype=np.float32)
-            out[s:s + chunk] = e @ q.T
+        q = torch.as_tensor(np.asarray(queries, dtype=np.float32)).reshape(-1, self.embeddings.shape[1])
+        m = self.query_matrix()
+        if m is not None: out = (m @ q.to(m.device, m.dtype).T).float().cpu().numpy()   # one matrix product
+        else:   # larger than memory allows: stream chunks of the memory-mapped file
+            out = np.concatenate([np.asarray(self.embeddings[s:s + chunk], dtype=np.float32) @ q.numpy().T
+                                  for s in range(0, len(self), chunk)])
         out[~self.embedded] = np.nan
         return out
 
@@ -204,14 +220,14 @@ class SceneEmbedding:
         return int(np.where(inside, d, np.inf).argmin())
 
 # %% ../nbs/15_explore.ipynb #44f2cbbd
-def _load_cached(folder: Path, scene, tiles):
+def _load_cached(folder: Path, scene, tiles, device='cpu'):
     meta = json.loads((folder / 'meta.json').read_text())
     if meta['n_tiles'] != len(tiles):
         raise ValueError(f"embedding cache {folder} has {meta['n_tiles']} tiles but the tiling gives {len(tiles)}: "
                          "delete that folder and embed again")
     emb = np.load(folder / 'embeddings.npy', mmap_mode='r')
     return SceneEmbedding(scene, tiles, emb, np.load(folder / 'embedded.npy'), meta, folder,
-                          dict(tiles_read=0, tiles_embedded=0, tiles_skipped=0, from_cache=True))
+                          dict(tiles_read=0, tiles_embedded=0, tiles_skipped=0, from_cache=True), str(device))
 
 def embed_scene(scene, model, tile_size=None, stride=None, edge='pad', preset='auto', min_valid=0.5,
                 batch_size=32, num_workers=0, cache_dir=None, device=None, image_size=None,
@@ -225,7 +241,7 @@ def embed_scene(scene, model, tile_size=None, stride=None, edge='pad', preset='a
     tiles = tile_grid(scene, size=tile_size, stride=stride, edge=edge)
     key = cache_key(scene, encoder, tile_size, stride, edge, min_valid)
     folder = Path(cache_dir or default_cache_dir() / 'embeddings') / key
-    if (folder / 'meta.json').exists(): return _load_cached(folder, scene, tiles)
+    if (folder / 'meta.json').exists(): return _load_cached(folder, scene, tiles, encoder.device)
 
     tmp = folder.with_name(f'{key}.tmp-{os.getpid()}')
     shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
@@ -233,7 +249,8 @@ def embed_scene(scene, model, tile_size=None, stride=None, edge='pad', preset='a
         embedded = np.zeros(len(tiles), dtype=bool)
         emb, stats = None, dict(tiles_read=0, tiles_embedded=0, tiles_skipped=0, from_cache=False)
         dl = DataLoader(TileDataset(scene, tiles, encoder.prep, min_valid), batch_size=batch_size,
-                        num_workers=num_workers, shuffle=False)
+                        num_workers=num_workers, shuffle=False, pin_memory=encoder.device.type == 'cuda',
+                        prefetch_factor=4 if num_workers else None)   # workers read ahead while the GPU embeds
         for x, frac, idx in dl:
             keep = frac >= min_valid
             stats['tiles_read'] += len(idx); stats['tiles_skipped'] += int((~keep).sum())
@@ -258,7 +275,7 @@ def embed_scene(scene, model, tile_size=None, stride=None, edge='pad', preset='a
         else: os.replace(tmp, folder)                # complete caches appear atomically
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise
-    out = _load_cached(folder, scene, tiles)
+    out = _load_cached(folder, scene, tiles, encoder.device)
     out.stats = stats
     return out
 

@@ -8,7 +8,8 @@ __all__ = ['EDGE_MODES', 'NORMALIZE_PRESETS', 'sample_path', 'Scene', 'open_scen
 
 # %% ../nbs/01_io.ipynb #df16b9ef
 import math, os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 import numpy as np
 import rasterio
@@ -16,7 +17,7 @@ from rasterio.errors import RasterioIOError
 from rasterio.enums import MaskFlags
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
-import rasterio.windows
+import rasterio.windows, rasterio.crs
 from fastcore.basics import patch
 import dofaclip
 from .sensors import get_sensor, validate_wavelengths, wavelengths_from_descriptions, nearest_bands
@@ -180,7 +181,12 @@ class Tile:
     window: Window
     transform: rasterio.Affine
     bounds: tuple
-    bounds_4326: tuple
+    crs: rasterio.crs.CRS = field(default=None, repr=False)
+
+    @cached_property
+    def bounds_4326(self) -> tuple:
+        "(W, S, E, N) in EPSG:4326, computed on first use: a scene of 100,000 tiles needs few of them (top-k, a click)."
+        return tuple(transform_bounds(self.crs, 'EPSG:4326', *self.bounds, densify_pts=21))
 
 def _tile_starts(length, size, stride, edge) -> list:
     "Offsets of the tiles along one axis of `length` pixels."
@@ -202,8 +208,7 @@ def tile_grid(scene: Scene, size: int = 224, stride: int | None = None, edge: st
         for j, c in enumerate(_tile_starts(scene.width, size, stride, edge)):
             win = Window(c, r, size, size)
             bounds = rasterio.windows.bounds(win, scene.transform)
-            tiles.append(Tile(i, j, win, rasterio.windows.transform(win, scene.transform), bounds,
-                              tuple(transform_bounds(scene.crs, 'EPSG:4326', *bounds, densify_pts=21))))
+            tiles.append(Tile(i, j, win, rasterio.windows.transform(win, scene.transform), bounds, scene.crs))
     return tiles
 
 def read_tile(scene: Scene, tile: Tile):

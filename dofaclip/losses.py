@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['distill_components', 'VECTLoss']
 
-# %% ../nbs/08_losses.ipynb #2199b729
+# %% ../nbs/08_losses.ipynb #507b2424
 import torch, torch.nn as nn, torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 
-# %% ../nbs/08_losses.ipynb #6a448f39
+# %% ../nbs/08_losses.ipynb #95a119c1
 def distill_components(student, teacher) -> dict:
     "MSE, SmoothL1 and cosine-embedding loss (1 - cos of per-sample flattened maps) between (B, N, D) token maps."
     if student.shape != teacher.shape:
@@ -20,7 +20,7 @@ def distill_components(student, teacher) -> dict:
     return dict(mse=F.mse_loss(s, t), smooth_l1=F.smooth_l1_loss(s, t), cosine=(1 - cos).mean(),
                 cos_sim=cos.detach().mean())
 
-# %% ../nbs/08_losses.ipynb #8b8852e8
+# %% ../nbs/08_losses.ipynb #c5ede77b
 class VECTLoss(nn.Module):
     "Contrastive (open_clip SigLIP/CLIP) + weighted per-teacher MSE + SmoothL1 + cosine; returns a dict of all terms."
     def __init__(self, teacher_weights: dict, contrastive: str = 'siglip', rank: int = 0, world_size: int = 1,

@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['WavelengthEncoder', 'ModalityConditionalLayerNorm', 'tokens_to_grid', 'Translator', 'make_translators']
 
-# %% ../nbs/07_maka.ipynb #2fefba38
+# %% ../nbs/07_maka.ipynb #9366a5e9
 import math
 import torch, torch.nn as nn, torch.nn.functional as F
 from .patch_embed import sincos_embedding
 from .teachers import _band_vector
 from .sensors import validate_wavelengths
 
-# %% ../nbs/07_maka.ipynb #1e7b56c7
+# %% ../nbs/07_maka.ipynb #f6887b9d
 class WavelengthEncoder(nn.Module):
     "Modality prompt (1, dim) of a wavelength set: mean over bands of `proj(sincos(wavelength_um))`."
     def __init__(self, dim: int = 128):
@@ -22,7 +22,7 @@ class WavelengthEncoder(nn.Module):
         w = torch.tensor(validate_wavelengths(_band_vector(wavelengths)), device=self.proj.weight.device)
         return self.proj(sincos_embedding(w, self.dim).to(self.proj.weight.dtype)).mean(0, keepdim=True)
 
-# %% ../nbs/07_maka.ipynb #280440b6
+# %% ../nbs/07_maka.ipynb #6ba6a2e8
 class ModalityConditionalLayerNorm(nn.Module):
     "LayerNorm over (C, H, W) followed by a FiLM from the modality prompt: `n + gamma * n + beta`."
     def __init__(self, channels: int, grid: tuple, prompt_dim: int = 128):
@@ -34,7 +34,7 @@ class ModalityConditionalLayerNorm(nn.Module):
         gamma, beta = self.modality_prompt_fc(prompt).chunk(2, dim=-1)   # (1, C) each
         return n + gamma[..., None, None] * n + beta[..., None, None]
 
-# %% ../nbs/07_maka.ipynb #344b4e74
+# %% ../nbs/07_maka.ipynb #c16c7591
 def tokens_to_grid(tokens, grid=None):
     "(B, N, D) patch tokens -> (B, D, h, w); a square grid unless `grid` is given."
     B, N, D = tokens.shape

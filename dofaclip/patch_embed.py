@@ -64,7 +64,7 @@ def resolve_wavelengths(wavelengths, n_bands: int | None = None) -> list:
         raise ValueError("wavelengths are required: pass one central wavelength in micrometres per band, "
                          "e.g. [0.665, 0.56, 0.49] for red, green, blue (see dofaclip.sensors.wavelengths)")
     if hasattr(wavelengths, 'ndim') and wavelengths.ndim == 2:
-        rows = torch.as_tensor(np.asarray(wavelengths.detach().cpu() if torch.is_tensor(wavelengths) else wavelengths))
+        rows = wavelengths.detach().cpu() if torch.is_tensor(wavelengths) else torch.as_tensor(wavelengths)
         if not (rows == rows[:1]).all():
             raise ValueError(f"wavelengths of shape {tuple(rows.shape)} differ between samples of the batch: one batch "
                              "must share one band set; group the data by wavelength set (one sensor per batch)")

@@ -6,7 +6,7 @@
 __all__ = ['RGB_WAVELENGTHS', 'SAR_MIN_CODE', 'VECT_TEACHERS', 'channel_sampling', 'sample_rgb', 'load_teacher_weights',
            'Teacher', 'tiny_teachers', 'build_teacher_cache', 'TeacherCache']
 
-# %% ../nbs/06_teachers.ipynb #709f5b52
+# %% ../nbs/06_teachers.ipynb #a02f4d2d
 import json, os, warnings
 from pathlib import Path
 import numpy as np
@@ -15,7 +15,7 @@ import timm
 from timm.data import resolve_data_config
 from .sensors import validate_wavelengths, nearest_bands
 
-# %% ../nbs/06_teachers.ipynb #02105dc1
+# %% ../nbs/06_teachers.ipynb #c1a2be70
 RGB_WAVELENGTHS = (0.665, 0.56, 0.49)  # red, green, blue (um), the order the teachers expect
 SAR_MIN_CODE = 1.0  # optical bands stop at ~2.5 um, DOFA's SAR codes are 3.75 / 5.405
 
@@ -47,14 +47,14 @@ def _band_vector(wavelengths) -> list:
         w = w[0]
     return w.tolist()
 
-# %% ../nbs/06_teachers.ipynb #7220847b
+# %% ../nbs/06_teachers.ipynb #ad2b43ed
 VECT_TEACHERS = {
     'siglip_so400m_patch14_384': dict(model_name='vit_so400m_patch14_siglip_384', img_size=384, weight=2.0),
     'vit_large_patch16_384_augreg_in21k_ft_in1k': dict(model_name='vit_large_patch16_384.augreg_in21k_ft_in1k', img_size=384, weight=1.0),
     'dinov2_vitl14_reg': dict(model_name='vit_large_patch14_reg4_dinov2.lvd142m', img_size=378, weight=1.0),
 }
 
-# %% ../nbs/06_teachers.ipynb #df73a076
+# %% ../nbs/06_teachers.ipynb #6cb0b040
 def load_teacher_weights(model: nn.Module, checkpoint) -> nn.Module:
     "Load a timm ViT state dict from a local .safetensors/.pth/.bin file; every mismatch is an error except the classifier head."
     path = Path(checkpoint)
@@ -83,7 +83,7 @@ def load_teacher_weights(model: nn.Module, checkpoint) -> nn.Module:
     if head_keys: warnings.warn(f"teacher {path.name}: dropped classifier keys {sorted(head_keys)} (only patch tokens are used)")
     return model
 
-# %% ../nbs/06_teachers.ipynb #5f5c05dd
+# %% ../nbs/06_teachers.ipynb #237057e6
 class Teacher(nn.Module):
     "A frozen timm ViT returning its patch tokens (B, N, D) for any-band input, resized and normalised its own way."
     def __init__(self, name, model_name=None, img_size=224, checkpoint=None, pretrained=False, allow_random=False,
@@ -126,7 +126,7 @@ class Teacher(nn.Module):
             tokens = self.model.forward_features(x)
         return tokens[:, self.model.num_prefix_tokens:].float()
 
-# %% ../nbs/06_teachers.ipynb #2fa91cdf
+# %% ../nbs/06_teachers.ipynb #63b220a8
 def tiny_teachers(img_size=64) -> dict:
     "Two small random-weight teachers: a ViT-Ti/16 (192 wide, weight 2.0) and a DINOv2-style ViT/14 with 4 registers (96 wide)."
     with warnings.catch_warnings():
@@ -136,7 +136,7 @@ def tiny_teachers(img_size=64) -> dict:
                        embed_dim=96, depth=2, num_heads=2)
     return {t.name: t for t in (vit, dino)}
 
-# %% ../nbs/06_teachers.ipynb #e3dced47
+# %% ../nbs/06_teachers.ipynb #7a64c39b
 class _ShardWriter:
     "Buffer rows of one teacher's features and flush them as fp16 .npy shards."
     def __init__(self, folder, shard_size):
@@ -177,7 +177,7 @@ def build_teacher_cache(batches, teachers: dict, out_dir, shard_size=4096) -> 'T
     tmp.write_text(json.dumps(meta)); os.replace(tmp, out_dir / 'index.json')
     return TeacherCache(out_dir)
 
-# %% ../nbs/06_teachers.ipynb #396d1ef3
+# %% ../nbs/06_teachers.ipynb #dd4f5ad0
 class TeacherCache:
     "Teachers' patch tokens read back from fp16 memory-mapped shards, looked up by sample id."
     def __init__(self, folder):
