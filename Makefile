@@ -16,7 +16,6 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m ipykernel install --user --name python3 >/dev/null
 	touch $@
 
 # Debian's Chromium + ChromeDriver for the real-browser map test (no browser download).
