@@ -120,6 +120,9 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True, a
     bad = set(report.unexpected) | set(report.skipped) | {k for k, *_ in report.mismatched}
     model.load_state_dict({k: v for k, v in sd.items() if k not in bad}, strict=False)
     if not report.ok: warnings.warn(f"non-strict checkpoint load, not loaded:\n{report.problems()}")
+    if report.skipped:   # by design (e.g. MaKA translators of a pretraining checkpoint), but never silent
+        warnings.warn(f"{report.source}: skipped {len(report.skipped)} training-only keys the model has no place for: "
+                      f"{', '.join(report.skipped)}")
     return report
 
 # %% ../nbs/05_weights.ipynb #f68ab6bd
@@ -134,9 +137,10 @@ def save_pretrained(model: DOFACLIP, folder) -> Path:
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     preprocess = getattr(model, 'preprocess_cfg', None) or dict(size=model.image_size)
     config = dict(model_cfg=model.config, preprocess_cfg=preprocess)
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     _atomic_write(folder / WEIGHT_NAMES[0], lambda tmp: save_file(tensors, tmp, metadata=dict(format='pt')))
+    # the config goes last: a folder with a config always has its weights, even after an interrupted save
+    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return folder
 
 # %% ../nbs/05_weights.ipynb #54409e55
