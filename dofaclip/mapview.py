@@ -58,10 +58,7 @@ def scene_overview(scene, max_size=1024):
     "Decimated read of the whole scene (long side <= `max_size`): pixels (C, h, w) float32, valid (h, w), transform."
     s = max(1.0, max(scene.width, scene.height) / max_size)
     h, w = max(1, round(scene.height / s)), max(1, round(scene.width / s))
-    with rasterio.open(scene.path) as src:
-        raw = src.read(out_shape=(src.count, h, w), resampling=Resampling.nearest, masked=True)
-    pixels = np.ma.filled(raw.astype(np.float32), 0)
-    valid = ~np.ma.getmaskarray(raw).any(0) & np.isfinite(pixels).all(0)
+    pixels, valid = scene.read(out_shape=(h, w))   # the scene's own masking: nodata, NaN, saturation, mask bands
     return pixels, valid, scene.transform @ Affine.scale(scene.width / w, scene.height / h)
 
 def png_data_url(rgba: np.ndarray) -> str:

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from .io import atomic_write
 from .model import DOFACLIP, create_model, list_models, normalize_config
 
 # %% ../nbs/05_weights.ipynb #a6f8c304
@@ -126,21 +127,15 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True, a
     return report
 
 # %% ../nbs/05_weights.ipynb #f68ab6bd
-def _atomic_write(path: Path, write):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix='.tmp'); os.close(fd)
-    try: write(tmp); os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.remove(tmp)
-
 def save_pretrained(model: DOFACLIP, folder) -> Path:
     "Write `model` to `folder` in open_clip's hub layout: open_clip_config.json + open_clip_model.safetensors."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     preprocess = getattr(model, 'preprocess_cfg', None) or dict(size=model.image_size)
     config = dict(model_cfg=model.config, preprocess_cfg=preprocess)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(folder / WEIGHT_NAMES[0], lambda tmp: save_file(tensors, tmp, metadata=dict(format='pt')))
+    atomic_write(folder / WEIGHT_NAMES[0], lambda tmp: save_file(tensors, tmp, metadata=dict(format='pt')))
     # the config goes last: a folder with a config always has its weights, even after an interrupted save
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return folder
 
 # %% ../nbs/05_weights.ipynb #54409e55
