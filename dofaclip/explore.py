@@ -47,9 +47,19 @@ def rgb_band_indices(wavelengths, tolerance=RGB_TOLERANCE_UM) -> list:
     return idx
 
 # %% ../nbs/15_explore.ipynb #bb52ba1f
-def auto_preset(dtype) -> str:
-    "Scaling preset for a scene's data type: 8-bit -> 'uint8', anything else -> 'reflectance'."
-    return 'uint8' if np.dtype(dtype) == np.uint8 else 'reflectance'
+def auto_preset(scene) -> str:
+    "Scaling preset for a scene, checked on a sample of its pixels: 8-bit -> 'uint8'; reflectance x 10^4 -> 'reflectance'; floats already in [0, 1] -> 'dn'."
+    if np.dtype(scene.dtype) == np.uint8: return 'uint8'
+    h, w = min(scene.height, 256), min(scene.width, 256)   # a decimated look at the whole scene, masked as usual
+    pixels, valid = scene.read(out_shape=(h, w))
+    values = pixels[:, valid]
+    if values.size == 0: return 'reflectance'              # all nodata: embed_scene reports that itself
+    high = float(np.percentile(values, 99))
+    if np.dtype(scene.dtype).kind == 'f' and high <= 1.5: return 'dn'
+    if high <= 15000: return 'reflectance'
+    raise ValueError(f"{Path(scene.path).name}: pixel values reach {high:.0f} (99th percentile of a sample), too high for "
+                     "reflectance x 10^4 (Level-1 digital numbers? dB?); pass the scaling explicitly: preset=(low, high) maps "
+                     "that range to [0, 1] (CLI: --preset LOW,HIGH), or preset='percentile'")
 
 @dataclass
 class TilePrep:
@@ -78,14 +88,18 @@ def _image_size(model) -> int:
     if size is None: raise ValueError(f"cannot tell the input size of {type(model).__name__}: pass tile_size and image_size")
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
+@torch.no_grad()
 def model_fingerprint(model) -> str:
-    "Hash of a model's class, config and weights: changes when any weight changes."
+    "Hash of a model's class, config and weights (per tensor: sums and a strided sample), cheap even for SO400M."
     h = hashlib.sha256(type(model).__qualname__.encode())
     config = getattr(model, 'config', None)
     if config is not None: h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, t in model.state_dict().items():
-        h.update(name.encode()); h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().to('cpu', torch.float32).contiguous().numpy().tobytes())
+        flat = t.detach().reshape(-1).double()
+        sample = flat[::max(1, flat.numel() // 4096)]
+        h.update(f'{name}{tuple(t.shape)}{t.dtype}'.encode())
+        h.update(torch.stack([flat.sum(), flat.abs().sum(), (flat * flat).sum()]).cpu().numpy().tobytes())
+        h.update(sample.cpu().numpy().tobytes())
     return h.hexdigest()[:20]
 
 class TileEncoder:
@@ -234,7 +248,10 @@ def embed_scene(scene, model, tile_size=None, stride=None, edge='pad', preset='a
                 sensor=None, wavelengths=None, progress=None) -> SceneEmbedding:
     "Embed every tile of `scene` (a path or `Scene`) with `model`, reusing the on-disk cache when it matches."
     if not hasattr(scene, 'read'): scene = open_scene(scene, sensor=sensor, wavelengths=wavelengths)
-    if preset == 'auto': preset = auto_preset(scene.dtype)
+    if edge == 'shift':
+        raise ValueError("edge='shift' breaks the regular tile lattice the heat map is painted on: use edge='pad' "
+                         "(edge tiles padded and masked) or 'drop'")
+    if preset == 'auto': preset = auto_preset(scene)
     encoder = TileEncoder(model, scene.wavelengths, preset=preset, image_size=image_size, device=device)
     tile_size = int(tile_size or encoder.prep.size)
     stride = int(stride or tile_size)

@@ -35,11 +35,12 @@ def test_large_scene_is_streamed(tmp_path, monkeypatch):
     path = write_large_scene(tmp_path / 'large.tif')
     decoded = SIZE * SIZE * BANDS * 2
     assert decoded > 3 * BUDGET and path.stat().st_size < BUDGET / 4
-    reads = []
+    reads, overviews = [], []
     real_read = Scene.read
-    def counting_read(self, window=None):   # a spy around the real windowed read
-        reads.append(window)
-        return real_read(self, window)
+    def counting_read(self, window=None, out_shape=None):   # a spy around the real read
+        if out_shape is None: reads.append(window)
+        else: overviews.append(out_shape)                   # decimated look at the scene (pixel-scaling check)
+        return real_read(self, window, out_shape)
     monkeypatch.setattr(Scene, 'read', counting_read)
 
     model = create_model('dofaclip-tiny')
@@ -55,6 +56,7 @@ def test_large_scene_is_streamed(tmp_path, monkeypatch):
     assert len(emb) == n_tiles
     assert len(reads) == n_tiles                                   # one windowed read per tile ...
     assert all(w is not None and w.width * w.height == TILE * TILE for w in reads)   # ... never the whole scene
+    assert all(h * w <= 256 * 256 for h, w in overviews)          # at most a small decimated overview
     assert emb.stats['tiles_skipped'] == 4 and emb.stats['tiles_embedded'] == n_tiles - 4
     assert peak < BUDGET, f"peak traced memory {peak / 2**20:.1f} MiB exceeds the {BUDGET / 2**20:.0f} MiB budget"
     # the embeddings live on disk (memory-mapped), not in RAM
