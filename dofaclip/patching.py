@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_patching.ipynb #cd3b508f
 from __future__ import annotations
-import copy, json, os, tempfile
+import copy, json
 from functools import partial
 from pathlib import Path
 import pandas as pd
@@ -15,6 +15,7 @@ from fastai.losses import CrossEntropyLossFlat, BCEWithLogitsLossFlat
 from fastai.metrics import accuracy
 from fastai.callback.schedule import ParamScheduler, SchedLin, SchedCos, combine_scheds
 from fastai.callback.training import GradientClip
+from .io import atomic_write
 from .zeroshot import ZeroShotHead, ZeroShotClassifier, image_encoder, evaluate_zeroshot
 
 # %% auto #0
@@ -107,11 +108,6 @@ def choose_alpha(table: pd.DataFrame, supported: str, patching: str) -> float:
 # %% ../nbs/13_patching.ipynb #2f7309d7
 from safetensors.torch import save_file
 
-def _atomic_write(path: Path, write):
-    tmp = path.with_name(path.name + '.tmp')
-    write(tmp)
-    os.replace(tmp, path)
-
 def save_patched(model: nn.Module, patched_visual: nn.Module, directory, alpha: float,
                  table: pd.DataFrame | None = None, **meta) -> Path:
     "Save `model` with `model.visual` replaced by `patched_visual` as `directory/open_clip_model.safetensors`."
@@ -120,9 +116,9 @@ def save_patched(model: nn.Module, patched_visual: nn.Module, directory, alpha: 
     patched.visual.load_state_dict(patched_visual.state_dict(), strict=True)
     state = {k: v.detach().cpu().contiguous() for k, v in patched.state_dict().items()}
     ckpt = directory / 'open_clip_model.safetensors'
-    _atomic_write(ckpt, lambda p: save_file(state, str(p), metadata={'format': 'pt'}))
+    atomic_write(ckpt, lambda tmp: save_file(state, tmp, metadata={'format': 'pt'}))
     info = {'alpha': alpha, **meta, 'sweep': None if table is None else table.to_dict(orient='records')}
-    _atomic_write(directory / 'patching.json', lambda p: p.write_text(json.dumps(info, indent=1)))
+    atomic_write(directory / 'patching.json', lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
     return ckpt
 
 # %% ../nbs/13_patching.ipynb #9baa3215
