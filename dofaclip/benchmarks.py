@@ -83,9 +83,22 @@ class S2Views(Dataset):
         self.transform, self.ms_transform, self.ms_bands = transform, ms_transform, ms_bands
     def __len__(self): return len(self.dataset)
     @property
+    def ms_band_names(self) -> tuple[str, ...]:
+        "Band names of the multispectral view, in order."
+        return tuple(self.ms_bands or self.band_names)
+    @property
+    def zero_filled(self) -> tuple[str, ...]:
+        "Bands of the multispectral view that the data lacks and the view fills with zeros (B10 of L2A data)."
+        return tuple(b for b in self.ms_band_names if b not in self.band_names)
+    @property
     def wavelengths(self) -> list[float]:
-        "Central wavelengths (um) of the multispectral view's bands (for DOFA-CLIP)."
-        return sensor_wavelengths('sentinel-2-l1c', list(self.ms_bands or self.band_names))
+        "Central wavelengths (um) of the multispectral view's bands, for an encoder that takes any band set (DOFA)."
+        if self.zero_filled:
+            raise ValueError(f"The multispectral view zero-fills {list(self.zero_filled)} (not in this {self.level.upper()} "
+                             f"data) to make {len(self.ms_band_names)} bands for a fixed-band encoder; a band of zeros "
+                             "is not a measurement and has no wavelength. For a student that takes any band set (DOFA), "
+                             f"open the dataset with ms_bands=None: its {len(self.band_names)} real bands and their wavelengths.")
+        return sensor_wavelengths('sentinel-2-l1c', list(self.ms_band_names))
     def rgb(self, image):
         x = rgb_composite(image, self.band_names, self.level)
         return self.transform(x) if self.transform else x
