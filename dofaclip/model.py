@@ -33,6 +33,13 @@ MODEL_CONFIGS = {
         embed_dim=64, init_logit_scale=math.log(1 / 0.07), init_logit_bias=None,
         vision_cfg=dict(backbone='dofa_tiny', image_size=64, proj='linear'),
         text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=2)),  # CLIP BPE vocabulary
+    # SigLIP-style in miniature (sentencepiece tokenizer, no causal mask, last-token pooling, sigmoid loss with a bias)
+    'dofaclip-tiny-siglip': dict(
+        embed_dim=64, init_logit_scale=math.log(10), init_logit_bias=-10,
+        vision_cfg=dict(backbone='dofa_tiny', image_size=64, proj='linear'),
+        text_cfg=dict(context_length=16, vocab_size=32000, width=64, heads=2, layers=2, no_causal_mask=True,
+                      pool_type='last', proj_bias=True, hf_tokenizer_name='timm/ViT-B-16-SigLIP',
+                      tokenizer_kwargs=dict(clean='canonicalize'), norm_kwargs=dict(eps=1e-6))),
     'dofaclip-base-224': _siglip_config('ViT-B-16-SigLIP', 'dofa_siglip_base_patch16_224'),
     'dofaclip-so400m-384': _siglip_config('ViT-SO400M-14-SigLIP-384', 'dofa_siglip_so400m_patch14_384'),
 }
