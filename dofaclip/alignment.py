@@ -4,17 +4,23 @@
 
 # %% ../nbs/14_alignment.ipynb #5a416fa9
 from __future__ import annotations
+import warnings
 import torch, torch.nn as nn, torch.nn.functional as F
 import timm
 from fastai.learner import Learner
+from fastai.data.core import DataLoaders
+from fastai.callback.training import GradientClip
 from .zeroshot import (ZeroShotHead, _n_inputs, extract_features, score_logits, cross_modal_retrieval,
                                linear_probe)
 from .patching import AdamW, patching_loss, fit_warmup_cosine
-from fastai.callback.training import GradientClip
+from .pretrain import LossComponent
+from .weights import LoadReport, CheckpointError, read_state_dict, check_state_dict
+from .backbone import create_backbone, list_backbones
 
 # %% auto #0
-__all__ = ['ALIGNMENT_DEFAULTS', 'MultispectralStudent', 'create_student', 'AlignmentLoss', 'alignment_learner',
-           'paired_features', 'embedding_gap', 'alignment_report']
+__all__ = ['ENCODER_PREFIXES', 'HEAD_PREFIXES', 'ALIGNMENT_DEFAULTS', 'MultispectralStudent', 'load_student_checkpoint',
+           'create_student', 'AlignmentLoss', 'alignment_dls', 'alignment_learner', 'paired_features', 'embedding_gap',
+           'alignment_report']
 
 # %% ../nbs/14_alignment.ipynb #58d933b4
 class MultispectralStudent(nn.Module):
@@ -26,23 +32,84 @@ class MultispectralStudent(nn.Module):
         needs = _n_inputs(backbone) >= 2
         if needs and wavelengths is None:
             raise ValueError(f"{type(backbone).__name__} needs the central wavelength (um) of every input band: pass wavelengths=...")
-        self.backbone, self.in_chans = backbone, in_chans
+        if not needs and wavelengths is not None:
+            raise ValueError(f"{type(backbone).__name__} takes a fixed set of bands and no wavelengths: drop wavelengths=.")
+        self.backbone, self.in_chans, self.checkpoint_report = backbone, in_chans, None
         self.proj = nn.Linear(width, out_dim)
         self.register_buffer('wavelengths', None if wavelengths is None else torch.as_tensor(wavelengths, dtype=torch.float32), persistent=False)
     def forward(self, x):
         if self.in_chans is not None and x.shape[1] != self.in_chans:
             raise ValueError(f"The student takes {self.in_chans} bands but got {x.shape[1]}: for 12-band L2A data insert a "
                              "zero B10 (dofaclip.benchmarks.ms_view(..., to_bands=S2_BANDS)).")
+        if self.wavelengths is not None and x.shape[1] != len(self.wavelengths):
+            raise ValueError(f"The student is bound to {len(self.wavelengths)} wavelengths but got {x.shape[1]} bands: "
+                             "build it with the wavelengths of the view it reads (S2Views.wavelengths).")
         feats = self.backbone(x) if self.wavelengths is None else self.backbone(x, self.wavelengths)
         return self.proj(feats)
 
-def create_student(out_dim: int, model_name: str = 'vit_small_patch16_224', in_chans: int = 13,
-                   img_size: int = 224, **timm_kwargs) -> MultispectralStudent:
-    "A timm ViT (default ViT-S/16, 13 bands as upstream) with pooled output, projected to the teacher's width `out_dim`."
-    backbone = timm.create_model(model_name, pretrained=False, num_classes=0, in_chans=in_chans, img_size=img_size, **timm_kwargs)
-    return MultispectralStudent(backbone, out_dim, in_chans=in_chans)
-
 # %% ../nbs/14_alignment.ipynb #b94f7c6a
+ENCODER_PREFIXES = ('base_encoder.', 'encoder_q.', 'backbone.')  # MoCo v3, MoCo v2, Lightning/torchgeo-style wrappers
+HEAD_PREFIXES = ('head.', 'fc.')  # projection MLP / classifier of the pretraining model (timm ViT: head, ResNet: fc)
+
+def _key_summary(keys, max_listed: int = 8) -> str:
+    "Keys by name; a group of more than `max_listed` under one top-level name (a momentum encoder) as 'name.* (n keys)'."
+    groups = {}
+    for k in keys: groups.setdefault(k.split('.')[0], []).append(k)
+    return ', '.join(', '.join(ks) if len(ks) <= max_listed else f"{g}.* ({len(ks)} keys)" for g, ks in groups.items())
+
+def load_student_checkpoint(backbone: nn.Module, checkpoint) -> LoadReport:
+    "Load a (self-supervised) checkpoint file or state dict strictly into `backbone`; dropped keys are reported by name."
+    report = LoadReport()
+    sd = read_state_dict(checkpoint, report)  # unwraps 'state_dict' / 'model', removes DDP's 'module.'
+    prefix = next((p for p in ENCODER_PREFIXES if any(k.startswith(p) for k in sd)), '')
+    if prefix:
+        report.skipped += [k for k in sd if not k.startswith(prefix)]  # momentum encoder, predictor, queue
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        report.notes.append(f"note: weights read from the {prefix[:-1]!r} encoder (prefix {prefix!r} removed)")
+    expected = backbone.state_dict()
+    heads = [k for k in sd if k.startswith(HEAD_PREFIXES) and k not in expected]
+    report.skipped += [prefix + k for k in heads]
+    sd = {k: v for k, v in sd.items() if k not in heads}
+    check_state_dict(backbone, sd, report)
+    if not report.ok:
+        raise CheckpointError(f"checkpoint {report.source} does not fit the student's {type(backbone).__name__}:\n"
+                              f"{report.problems()}\n(SSL4EO-S12's ViT-S/16 needs model_name='vit_small_patch16_224', "
+                              "in_chans=13, img_size=224; prefixes understood: " + ', '.join(ENCODER_PREFIXES) + ")")
+    backbone.load_state_dict(sd, strict=True)
+    report.loaded = len(sd)
+    if report.skipped:
+        warnings.warn(f"{report.source}: dropped {len(report.skipped)} pretraining-only keys the student has no place "
+                      f"for: {_key_summary(report.skipped)} (every name in the returned LoadReport's `skipped`)")
+    return report
+
+# %% ../nbs/14_alignment.ipynb #02291c20
+def create_student(out_dim: int, model_name: str = 'vit_small_patch16_224', in_chans: int | None = None,
+                   img_size: int = 224, checkpoint=None, allow_random: bool = False, wavelengths=None,
+                   **model_kwargs) -> MultispectralStudent:
+    "A multispectral student projected to the teacher's width `out_dim`: timm `model_name` (13 bands) or a DOFA backbone."
+    if {'pretrained', 'pretrained_cfg_overlay'} & set(model_kwargs):
+        raise ValueError("create_student loads its starting weights itself: pass checkpoint='path/to/weights.pth' "
+                         "instead of timm's pretrained= / pretrained_cfg_overlay=.")
+    if checkpoint is None and not allow_random:
+        raise ValueError("No checkpoint: the student would start from random weights. Pass checkpoint='path' (upstream: "
+                         "the SSL4EO-S12 MoCo ViT-S/16, e.g. B13_vits16_moco_0099_ckpt.pth) or allow_random=True "
+                         "(tests, tiny models).")
+    if model_name in list_backbones():  # DOFA: any band set, bound to the view's wavelengths
+        if in_chans is not None:
+            raise ValueError(f"{model_name} takes any band set: pass wavelengths=... (one per band) instead of in_chans.")
+        if wavelengths is None:
+            raise ValueError(f"{model_name} needs the central wavelength (um) of every band of the view it reads: "
+                             "pass wavelengths=..., e.g. S2Views.wavelengths.")
+        backbone = create_backbone(model_name, img_size=img_size, **model_kwargs)
+    else:
+        in_chans = 13 if in_chans is None else in_chans
+        backbone = timm.create_model(model_name, pretrained=False, num_classes=0, in_chans=in_chans, img_size=img_size, **model_kwargs)
+    report = None if checkpoint is None else load_student_checkpoint(backbone, checkpoint)
+    student = MultispectralStudent(backbone, out_dim, in_chans=in_chans, wavelengths=wavelengths)
+    student.checkpoint_report = report
+    return student
+
+# %% ../nbs/14_alignment.ipynb #fc9ef9c6
 class AlignmentLoss(nn.Module):
     "`MSE(student, teacher(rgb)) + task_weight * task_loss(head(student), y)`, with a frozen teacher and head."
     def __init__(self, teacher: nn.Module, head: ZeroShotHead, multilabel: bool = False, task_weight: float = 0.05):
@@ -62,20 +129,37 @@ class AlignmentLoss(nn.Module):
                              f"{tuple(target_features.shape)} differ: set the student's out_dim to the teacher's width.")
         mse = F.mse_loss(student_features.float(), target_features)
         task = self.task_loss(self.head(student_features.float()), target)
-        self.last = {'mse': mse.item(), 'task': task.item()}
+        self.last = {'mse': mse.detach(), 'task': task.detach()}  # tensors: no GPU sync per step
         return mse + self.task_weight * task
 
-# %% ../nbs/14_alignment.ipynb #98e7bc70
+# %% ../nbs/14_alignment.ipynb #09030287
 ALIGNMENT_DEFAULTS = dict(lr=1e-4, wd=0.01, batch_size=256, epochs=5, task_weight=0.05, warmup_pct=0.1)
+
+def alignment_dls(train_ds, valid_ds, bs: int = 256, **kwargs) -> DataLoaders:
+    "fastai DataLoaders of (ms, rgb, label) datasets with one model input (`n_inp = 1`): ms -> student, the rest -> loss."
+    for split, ds in (('train', train_ds), ('valid', valid_ds)):
+        item = ds[0]
+        if not isinstance(item, (tuple, list)) or len(item) != 3:
+            raise ValueError(f"The {split} dataset must yield (ms, rgb, label) triples, got "
+                             f"{len(item) if isinstance(item, (tuple, list)) else type(item).__name__} items: "
+                             "use view='paired' or PairedViews.")
+    dls = DataLoaders.from_dsets(train_ds, valid_ds, bs=bs, **kwargs)
+    dls.n_inp = 1  # set on loaders made here, never on the caller's
+    return dls
 
 def alignment_learner(student: nn.Module, teacher: nn.Module, head: ZeroShotHead, dls, multilabel: bool = False,
                       lr: float = 1e-4, wd: float = 0.01, task_weight: float = 0.05, grad_clip: float | None = 1.0,
-                      bf16: bool | None = None, cbs=None, **kwargs) -> Learner:
+                      bf16: bool | None = None, cbs=None, metrics=None, **kwargs) -> Learner:
     "A fastai Learner training `student` on (ms, rgb, label) batches against a frozen `teacher` and `head`."
-    dls.n_inp = 1
+    n_inp = getattr(dls, 'n_inp', None)
+    if n_inp != 1:
+        raise ValueError(f"dls.n_inp is {n_inp}: fastai would pass the RGB view to the student as a second input. "
+                         "Alignment batches are (ms, rgb, label) with one model input: build the loaders with "
+                         "alignment_dls(train_ds, valid_ds, ...) or set dls.n_inp = 1 yourself.")
     cbs = ([GradientClip(grad_clip)] if grad_clip else []) + list(cbs or [])
+    metrics = [LossComponent('mse'), LossComponent('task')] + list(metrics or [])
     learn = Learner(dls, student, loss_func=AlignmentLoss(teacher, head, multilabel, task_weight), opt_func=AdamW,
-                    lr=lr, wd=wd, cbs=cbs, **kwargs)
+                    lr=lr, wd=wd, cbs=cbs, metrics=metrics, **kwargs)
     if bf16 is None: bf16 = torch.cuda.is_available()
     return learn.to_bf16() if bf16 else learn
 
