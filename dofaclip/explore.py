@@ -200,7 +200,7 @@ class SceneEmbedding:
         if getattr(self, '_matrix', None) is None:
             dtype = torch.float16 if torch.device(self.device).type == 'cuda' else torch.float32
             if self.embeddings.shape[0] * self.embeddings.shape[1] * dtype.itemsize > self.max_query_bytes: return None
-            self._matrix = torch.from_numpy(np.ascontiguousarray(self.embeddings)).to(self.device, dtype)
+            self._matrix = torch.from_numpy(np.array(self.embeddings)).to(self.device, dtype)   # a copy: the cache is read-only
         return self._matrix
 
     @torch.inference_mode()
