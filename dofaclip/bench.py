@@ -4,8 +4,9 @@
 
 # %% auto #0
 __all__ = ['TIMM_TWINS', 'PRESETS', 'synchronize', 'time_call', 'count_flops', 'measure_peak_flops', 'peak_memory_gb',
-           'bench_row', 'timm_twin', 'vision_fn', 'projection_fn', 'paper_teachers', 'vect_step_fn',
-           'write_synthetic_scene', 'explore_rows', 'run_suite', 'format_row', 'markdown_table', 'save_results', 'main']
+           'bench_row', 'timm_twin', 'vision_fn', 'projection_fn', 'paper_teachers', 'BatchTimes',
+           'write_synthetic_manifest', 'random_tokenizer', 'vect_train_row', 'write_synthetic_scene', 'explore_rows',
+           'run_suite', 'format_row', 'markdown_table', 'save_results', 'main']
 
 # %% ../nbs/18_bench.ipynb #1affe92b
 import argparse, json, math, platform, statistics, time
@@ -102,40 +103,78 @@ def projection_fn(backbone: str, bands: int, batch: int, device, projection: str
     return run
 
 # %% ../nbs/18_bench.ipynb #864fc048
+import zlib
+from fastai.callback.core import Callback, CancelFitException, CancelValidException
+
 def paper_teachers() -> dict:
     "The three VECT teachers of the DOFA-CLIP paper (`dofaclip.teachers.VECT_TEACHERS`), random-initialised: timing only."
     from dofaclip.teachers import Teacher, VECT_TEACHERS
     return {n: Teacher(n, allow_random=True, **spec) for n, spec in VECT_TEACHERS.items()}
 
-def vect_step_fn(model_name: str, teachers: dict, batch: int, device, cached: bool, bands: int = 3,
-                 dtype=torch.bfloat16, lr: float = 5e-4):
-    "A no-argument VECT training step (student fwd + bwd + AdamW; teachers online, or their features precomputed)."
+class BatchTimes(Callback):
+    "Device-synchronised wall time of each training batch (data fetch to the end of `after_batch`); stops the fit after `max_batches`."
+    order, run_valid = 100, False   # after every other callback, so their work counts
+    def __init__(self, max_batches: int | None = None): self.max_batches, self.times = max_batches, []
+    def _now(self):
+        synchronize(self.dls.device or 'cpu'); return time.perf_counter()
+    def before_train(self): self.mark = self._now()
+    def after_batch(self):
+        now = self._now(); self.times.append(now - self.mark); self.mark = now
+        if self.max_batches is not None and len(self.times) >= self.max_batches: raise CancelFitException()
+    def before_validate(self): raise CancelValidException()   # timing covers training only
+
+def write_synthetic_manifest(folder, n_train: int, size: int, bands: int = 3, n_valid: int = 2, seed: int = 0) -> Path:
+    "A manifest of `n_train` + `n_valid` random uint8 .npy images (bands, size, size) with any captions: benchmark data."
+    folder = Path(folder); (folder / 'images').mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    waves = ' '.join(f'{w:g}' for w in ([0.665, 0.56, 0.49] if bands == 3 else np.linspace(0.45, 2.2, bands).round(4)))
+    lines = ['image,caption,wavelengths,modality,split']
+    for i in range(n_train + n_valid):
+        np.save(folder / 'images' / f'{i:06d}.npy', rng.integers(0, 256, (bands, size, size), dtype=np.uint8))
+        lines.append(f"images/{i:06d}.npy,a synthetic image number {i},{waves},uint8,{'train' if i < n_train else 'valid'}")
+    (folder / 'manifest.csv').write_text('\n'.join(lines) + '\n')
+    return folder / 'manifest.csv'
+
+def random_tokenizer(context_length: int, vocab_size: int = 32000):
+    "Captions -> fixed random token ids (seeded by the caption): no tokenizer files are needed to time training."
+    def tokenize(captions):
+        return torch.stack([torch.randint(1, vocab_size, (context_length,), generator=torch.Generator().manual_seed(zlib.crc32(c.encode())))
+                            for c in captions])
+    return tokenize
+
+def vect_train_row(model_name: str, teachers: dict, batch: int, device, cached: bool, peak_flops: float, warmup: int = 3,
+                   iters: int = 10, bands: int = 3, work_dir=None) -> dict:
+    "Time real `vect_learner` training batches (online teachers, or a `TeacherCache`) on a synthetic manifest: one result row."
+    import tempfile
     from dofaclip.model import create_model
-    from dofaclip.pretrain import VECTStudent
-    from dofaclip.losses import VECTLoss
+    from dofaclip.data import image_text_dls
+    from dofaclip.pretrain import vect_learner
+    from dofaclip.teachers import build_teacher_cache
     device = torch.device(device)
-    clip = create_model(model_name)
-    student = VECTStudent(clip, teachers).to(device).train()
-    contrastive = 'siglip' if getattr(clip, 'logit_bias', None) is not None else 'clip'
-    loss_fn = VECTLoss({n: t.weight for n, t in teachers.items()}, contrastive, check_finite=False)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.2, fused=device.type == 'cuda')
-    size = clip.image_size
-    x = torch.randn(batch, bands, size, size, device=device)
-    text = torch.randint(1, 1000, (batch, clip.context_length), device=device)
-    waves = torch.linspace(0.45, 2.2, bands).tolist() if bands != 3 else [0.665, 0.56, 0.49]
-    for t in teachers.values(): t.to(device)
-    def teacher_features(): return {n: t(x, waves) for n, t in teachers.items()}
-    if cached:   # what a TeacherCache lookup hands over; the teachers leave the device
-        feats = {n: f.to(torch.float16) for n, f in teacher_features().items()}
-        for t in teachers.values(): t.to('cpu')
-    def step():
-        targets = {n: f.float() for n, f in feats.items()} if cached else teacher_features()
-        with _autocast(device, dtype):
-            terms = loss_fn(student(x, text, waves), targets)
-        terms['loss'].backward()
-        opt.step(); opt.zero_grad(set_to_none=True)
-    return step
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        model = create_model(model_name)
+        manifest = write_synthetic_manifest(tmp, (warmup + iters) * batch, model.image_size, bands)
+        # fixed views (a cache needs them), online too: both rows read and decode the same data
+        dls = image_text_dls(manifest, random_tokenizer(model.context_length), size=model.image_size, bs=batch,
+                             augment=False, device=device)
+        if cached:
+            for t in teachers.values(): t.to(device)
+            cache = build_teacher_cache([dls.train.dataset, dls.valid.dataset], teachers, Path(tmp) / 'cache', bs=batch)
+            for t in teachers.values(): t.to('cpu')   # training from the cache needs no teacher on the device
+            learn = vect_learner(dls, model, cache=cache)
+        else: learn = vect_learner(dls, model, teachers=teachers)
+        with learn.no_bar(), learn.no_logging():
+            flops = count_flops(lambda: learn.fit(1, cbs=BatchTimes(max_batches=1))) / batch
+            if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device)
+            timer = BatchTimes(max_batches=warmup + iters)
+            learn.fit(1, cbs=timer)
+        seconds = statistics.median(timer.times[warmup:])
+        mem = peak_memory_gb(device)
+        del learn, model
+    rate = batch / seconds
+    return dict(config=f"VECT step {model_name}, {len(teachers)} teachers {'cached' if cached else 'online'}", batch=batch,
+                throughput=rate, unit='samples/s', median_ms=seconds * 1e3, peak_mem_gb=mem, gflops_per_sample=flops / 1e9,
+                mfu=flops * rate / peak_flops, path='vect_learner + image_text_dls (.npy manifest)', timed_batches=len(timer.times[warmup:]))
 
 # %% ../nbs/18_bench.ipynb #b6d8f057
 def write_synthetic_scene(path, size: int, bands: int = 3, block: int = 1024, seed: int = 0) -> Path:
@@ -200,7 +239,7 @@ def explore_rows(model_name: str, scene_size: int, query_tiles: int, device, pea
 PRESETS = {
     'tiny': dict(dtype='float32', vision=[('dofa_tiny', b, 8) for b in (None, 3, 4, 13, 202)], compile=[],
                  projection=[('dofa_tiny', b, 8) for b in (3, 202)],
-                 vect=[('dofaclip-tiny', 'tiny', 8, False), ('dofaclip-tiny', 'tiny', 8, True)],
+                 vect=[('dofaclip-tiny-siglip', 'tiny', 8, False), ('dofaclip-tiny-siglip', 'tiny', 8, True)],
                  explore=[('dofaclip-tiny', 512, 10_000, 16, 0)], warmup=1, iters=3),
     'gpu': dict(dtype='bfloat16',
                 vision=[('dofa_siglip_so400m_patch14_384', b, 128) for b in (None, 3, 9, 13, 202)]
@@ -245,9 +284,7 @@ def run_suite(preset: str = 'tiny', device=None, peak_tflops: float | None = Non
     if want('vect'):
         for model_name, teachers, batch, cached in p['vect']:
             t = tiny_teachers() if teachers == 'tiny' else paper_teachers()
-            add(bench_row(f"VECT step {model_name}, {len(t)} teachers {'cached' if cached else 'online'}",
-                          vect_step_fn(model_name, t, batch, device, cached, dtype=dtype), batch, device, peak,
-                          unit='samples/s', **kw))
+            add(vect_train_row(model_name, t, batch, device, cached, peak, **kw))
             del t
     if want('explore'):
         for model_name, size, n_query, batch, workers in p['explore']:

@@ -221,7 +221,8 @@ def build_teacher_cache(data, teachers: dict, out_dir, bs: int = 32, shard_size:
         twice = [i for i in ids if str(i) in index] + [i for k, i in enumerate(ids) if i in ids[:k]]
         if twice: raise ValueError(f"sample ids {twice[:8]} appear twice; cache ids must be unique.")
         for name, teacher in teachers.items():
-            feats = teacher(images, wavelengths).cpu().numpy()
+            device = next(teacher.parameters()).device   # teachers may sit on a GPU, the dataset's views on the host
+            feats = teacher(images.to(device, non_blocking=True), wavelengths).cpu().numpy()
             if not np.isfinite(feats).all():
                 raise ValueError(f"teacher {name} gave non-finite features for samples {ids}; check those images for NaN/nodata.")
             shapes[name] = list(feats.shape[1:])
