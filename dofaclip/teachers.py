@@ -122,7 +122,7 @@ class Teacher(nn.Module):
 
     def identity(self) -> dict:
         "What the teacher's features depend on: name, timm model, input size, weights file (size, mtime) and a weights fingerprint."
-        from dofaclip.explore import model_fingerprint   # shared cheap hash of class, config and weights
+        from dofaclip.weights import model_fingerprint   # shared cheap hash of class, config and weights
         ckpt = None
         if self.checkpoint is not None:
             st = self.checkpoint.stat()

@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['CONFIG_NAME', 'WEIGHT_NAMES', 'TRAINING_ONLY_PREFIXES', 'CheckpointError', 'LoadReport', 'find_weights',
-           'read_state_dict', 'check_state_dict', 'load_checkpoint', 'save_pretrained', 'load_pretrained',
-           'upstream_dofaclip_layout', 'load_torchgeo_dofa']
+           'read_state_dict', 'check_state_dict', 'load_checkpoint', 'save_pretrained', 'model_fingerprint',
+           'load_pretrained', 'upstream_dofaclip_layout', 'load_torchgeo_dofa']
 
 # %% ../nbs/05_weights.ipynb #6c862c67
-import json, os, tempfile, warnings, zipfile, pickle
+import hashlib, json, os, tempfile, warnings, zipfile, pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
@@ -137,6 +137,21 @@ def save_pretrained(model: DOFACLIP, folder) -> Path:
     # the config goes last: a folder with a config always has its weights, even after an interrupted save
     atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return folder
+
+# %% ../nbs/05_weights.ipynb #8b5ee7bd
+@torch.no_grad()
+def model_fingerprint(model) -> str:
+    "Hash of a model's class, config and weights (per tensor: sums and a strided sample), cheap even for SO400M."
+    h = hashlib.sha256(type(model).__qualname__.encode())
+    config = getattr(model, 'config', None)
+    if config is not None: h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, t in model.state_dict().items():
+        flat = t.detach().reshape(-1).double()
+        sample = flat[::max(1, flat.numel() // 4096)]
+        h.update(f'{name}{tuple(t.shape)}{t.dtype}'.encode())
+        h.update(torch.stack([flat.sum(), flat.abs().sum(), (flat * flat).sum()]).cpu().numpy().tobytes())
+        h.update(sample.cpu().numpy().tobytes())
+    return h.hexdigest()[:20]
 
 # %% ../nbs/05_weights.ipynb #54409e55
 def _download(repo_id: str, local_files_only: bool = False) -> Path:
