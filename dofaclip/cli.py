@@ -41,19 +41,23 @@ DEMO_TEMPLATE = 'a satellite image of mostly {}'
 DEMO_LABELS = ['water', 'vegetation', 'bare soil']
 
 def demo_model(folder=None, epochs=None, log=print):
-    "The tiny demo DOFA-CLIP: loaded from `folder` (default: the cache), trained there first if missing."
+    "The tiny demo DOFA-CLIP: loaded from `folder` (default: the cache folder of the current recipe), trained there first if missing."
     from dofaclip.weights import load_pretrained
-    folder = Path(folder or default_cache_dir() / 'demo-model')
+    try: from dofaclip.pretrain import train_demo_model, demo_recipe_id
+    except ImportError as e: train_demo_model = demo_recipe_id = None; why = e
+    if folder is None:
+        if demo_recipe_id is None:
+            raise RuntimeError(f"dofaclip.pretrain is not available ({why}): pass --weights FOLDER with a DOFA-CLIP checkpoint")
+        folder = default_cache_dir() / f'demo-model-{demo_recipe_id(epochs=epochs)}'
+    folder = Path(folder)
     saved = next(iter(sorted(folder.rglob('open_clip_config.json'))), None) if folder.is_dir() else None
     if saved is not None: folder = saved.parent
     else:
-        try: from dofaclip.pretrain import train_demo_model
-        except ImportError as e:
-            raise RuntimeError(f"no demo model at {folder} and dofaclip.pretrain.train_demo_model is not available ({e}): "
-                               "pass --weights FOLDER with a DOFA-CLIP checkpoint") from None
-        log(f"training the demo model into {folder} (first run only; a few minutes on CPU)...")
-        kw = {} if epochs is None else dict(epochs=epochs)
-        folder = Path(train_demo_model(folder, **kw))
+        if train_demo_model is None:
+            raise RuntimeError(f"no demo model at {folder} and dofaclip.pretrain.train_demo_model is not available ({why}): "
+                               "pass --weights FOLDER with a DOFA-CLIP checkpoint")
+        log(f"training the demo model into {folder} (first run only; about a minute or two on CPU)...")
+        folder = Path(train_demo_model(folder, epochs=epochs))
         if folder.is_file(): folder = folder.parent
     return load_pretrained(folder), folder
 
