@@ -155,19 +155,39 @@ class WavelengthGroupedDL(FastaiDataLoader):
     "fastai DataLoader whose batches each hold one wavelength set; `mix` weights modalities; DDP-aware via rank/world_size."
     n_inp = 3
     def __init__(self, dataset, bs=16, shuffle=True, drop_last=True, mix: dict | None = None, rank=0, world_size=1,
-                 seed=None, **kwargs):
+                 seed=None, prefetch_factor: int | None = None, **kwargs):
         self.mix, self.rank, self.world_size = mix, rank, world_size
         super().__init__(dataset, bs=bs, shuffle=shuffle, drop_last=drop_last, **kwargs)
+        # torch's worker iterator reads prefetch_factor from fastai's fake loader (a class default of 2)
+        if prefetch_factor is not None: self.fake_l.prefetch_factor = prefetch_factor
         if seed is not None: self.rng = random.Random(seed)
         self.groups = dataset.groups()
         self.group_modality = {k: dataset.records[v[0]]['modality'] for k, v in self.groups.items()}
-        if mix is not None:
-            unknown = set(mix) - set(self.group_modality.values())
-            if unknown: raise ValueError(f"mix names modalities {sorted(unknown)} that the data lacks; it has {sorted(set(self.group_modality.values()))}")
+        self._check_coverage(bs * world_size)
         self.n_batches = len(self._plan(random.Random(0)))
         if self.n_batches == 0:
             raise ValueError(f"no full batch of {bs * world_size} samples in any wavelength group "
                              f"(sizes {[len(v) for v in self.groups.values()]}); lower bs or pass drop_last=False")
+
+    def _check_coverage(self, gbs):
+        "Raise on a `mix` that names missing modalities or negative weights; warn for every modality or group that would never be sampled."
+        present = sorted(set(self.group_modality.values()))
+        if self.mix is not None:
+            unknown = set(self.mix) - set(present)
+            if unknown: raise ValueError(f"mix names modalities {sorted(unknown)} that the data lacks; it has {present}")
+            negative = {m: w for m, w in self.mix.items() if w < 0}
+            if negative: raise ValueError(f"mix weights must be >= 0, got {negative}")
+            for m in present:
+                if self.mix.get(m, 0) == 0:
+                    n = sum(len(v) for k, v in self.groups.items() if self.group_modality[k] == m)
+                    warnings.warn(f"modality {m!r} ({n} samples) has no weight in mix={self.mix}, so it is never sampled; "
+                                  f"give it a weight > 0 to train on it, or drop its rows from the manifest")
+        elif self.drop_last:
+            for k, v in self.groups.items():
+                if len(v) < gbs:
+                    warnings.warn(f"wavelength group {list(k)} (modality {self.group_modality[k]!r}) has {len(v)} samples, fewer "
+                                  f"than one batch of bs*world_size = {gbs}: with drop_last it is never sampled; lower bs, "
+                                  "or pass mix={modality: weight} (small groups are then cycled)")
 
     def _counts(self, gbs):
         natural = {k: (len(v) // gbs if self.drop_last else math.ceil(len(v) / gbs)) for k, v in self.groups.items()}
@@ -175,7 +195,7 @@ class WavelengthGroupedDL(FastaiDataLoader):
         total = sum(natural.values())
         weights = {k: self.mix.get(self.group_modality[k], 0.0) for k in self.groups}
         wsum = sum(weights.values()) or 1.0
-        return {k: round(total * w / wsum) for k, w in weights.items()}
+        return {k: max(1, round(total * w / wsum)) if w > 0 else 0 for k, w in weights.items()}   # a weight never rounds to nothing
 
     def _plan(self, rng) -> list:
         gbs, plan = self.bs * self.world_size, []
@@ -206,7 +226,9 @@ class WavelengthGroupedDL(FastaiDataLoader):
     def new(self, dataset=None, **kwargs):
         return type(self)(dataset if dataset is not None else self.dataset, bs=self.bs, shuffle=kwargs.get('shuffle', self.shuffle),
                           drop_last=kwargs.get('drop_last', self.drop_last), mix=self.mix, rank=self.rank, world_size=self.world_size,
-                          device=kwargs.get('device', self.device))
+                          device=kwargs.get('device', self.device), num_workers=kwargs.get('num_workers', self.fake_l.num_workers),
+                          pin_memory=kwargs.get('pin_memory', self.pin_memory), prefetch_factor=self.fake_l.prefetch_factor)
+
 
 # %% ../nbs/09_data.ipynb #29dfb6bf
 def split_records(records, valid_pct=0.2, seed=0):
@@ -221,14 +243,18 @@ def split_records(records, valid_pct=0.2, seed=0):
     return [r for i, r in enumerate(records) if i not in valid], [r for i, r in enumerate(records) if i in valid]
 
 def image_text_dls(manifest, tokenizer, size=64, bs=16, valid_pct=0.2, augment=True, mix=None, seed=0, ranges=None,
-                   rank=0, world_size=1, device=None, on_error='raise', crop_scale=(0.35, 1.0)) -> DataLoaders:
-    "fastai DataLoaders (train: grouped, augmented; valid: grouped, fixed views) from a manifest CSV."
+                   rank=0, world_size=1, device=None, on_error='raise', crop_scale=(0.35, 1.0), num_workers: int = 0,
+                   pin_memory: bool | None = None, prefetch_factor: int | None = None) -> DataLoaders:
+    "fastai DataLoaders (train: grouped, augmented; valid: grouped, fixed views) from a manifest CSV; `pin_memory` defaults to on for CUDA."
     train, valid = split_records(read_manifest(manifest, on_error), valid_pct, seed)
     train_ds = ImageTextDataset(train, tokenizer, size, augment=augment, crop_scale=crop_scale, ranges=ranges)
     valid_ds = ImageTextDataset(valid, tokenizer, size, augment=False, ranges=ranges)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available() and (device is None or torch.device(device).type == 'cuda')
+    loading = dict(num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor, device=device)
     return DataLoaders(
-        WavelengthGroupedDL(train_ds, bs=bs, mix=mix, seed=seed, rank=rank, world_size=world_size, device=device),
-        WavelengthGroupedDL(valid_ds, bs=bs, shuffle=False, drop_last=False, rank=rank, world_size=world_size, device=device),
+        WavelengthGroupedDL(train_ds, bs=bs, mix=mix, seed=seed, rank=rank, world_size=world_size, **loading),
+        WavelengthGroupedDL(valid_ds, bs=bs, shuffle=False, drop_last=False, rank=rank, world_size=world_size, **loading),
         device=device)
 
 def teacher_batches(dataset, bs=32):
