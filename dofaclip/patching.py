@@ -53,10 +53,10 @@ def warmup_cosine(lr: float, warmup_pct: float = 0.1):
     if warmup_pct == 0: return SchedCos(lr, 0)
     return combine_scheds([warmup_pct, 1 - warmup_pct], [SchedLin(0, lr), SchedCos(lr, 0)])
 
-def fit_warmup_cosine(learn: Learner, n_epoch: int, lr: float | None = None, warmup_pct: float = 0.1):
-    "Train `learn` for `n_epoch` epochs with a warm-up + cosine learning-rate schedule."
+def fit_warmup_cosine(learn: Learner, n_epoch: int, lr: float | None = None, warmup_pct: float = 0.1, cbs=None, **kwargs):
+    "Train `learn` for `n_epoch` epochs with a warm-up + cosine learning-rate schedule (`cbs`, `start_epoch`... go to `learn.fit`)."
     lr = learn.lr if lr is None else lr
-    learn.fit(n_epoch, lr=lr, cbs=ParamScheduler({'lr': warmup_cosine(lr, warmup_pct)}))
+    learn.fit(n_epoch, lr=lr, cbs=[ParamScheduler({'lr': warmup_cosine(lr, warmup_pct)})] + list(cbs or []), **kwargs)
     return learn
 
 # %% ../nbs/13_patching.ipynb #e0f2adbd
