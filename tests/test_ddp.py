@@ -90,8 +90,10 @@ def test_ddp_matches_single_process(runs, model_name, loss):
     assert ddp['loss'] == single['loss'] == loss                       # the contrastive loss under test
     assert ddp['n_batches'] == single['n_batches'] >= 2                # the same number of (global) steps
     assert np.isfinite(single['last'])
+    # atol: a fifth of one AdamW step at vect_learner's lr 5e-4; eps 1e-6 (open_clip's) amplifies float rounding of the
+    # near-zero gradients of rare token rows to ~2e-5, while a missing gradient sync moves weights by whole steps
     for k, v in single['state'].items():
-        torch.testing.assert_close(ddp['state'][k], v, rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(ddp['state'][k], v, rtol=1e-4, atol=1e-4, msg=lambda m: f"{k}: {m}")
     # training moved the weights (the comparison is not between two untouched models), the text tower included
     from dofaclip.model import create_model
     from dofaclip.teachers import tiny_teachers
