@@ -68,7 +68,7 @@ class TilePrep:
     bands: list            # band indices to keep, in model order
     preset: object         # `dofaclip.io.normalize` preset name, or a (low, high) range mapped to [0, 1] and clipped
     size: int              # model input size (square)
-    mean: tuple = None     # per-channel mean/std after scaling (open_clip models), None for DOFA-CLIP
+    mean: tuple = None     # per-channel mean/std after scaling (open_clip models; DOFA-CLIP from preprocess_cfg)
     std: tuple = None
 
     def __call__(self, pixels, valid=None) -> torch.Tensor:
@@ -90,6 +90,15 @@ def _image_size(model) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
+def _per_band(values, n_bands: int, what: str) -> tuple:
+    "A checkpoint's per-channel `values` for `n_bands` bands: equal values apply to any band count."
+    values = [float(v) for v in values]
+    if len(set(values)) == 1: return tuple(values[:1] * n_bands)
+    if len(values) != n_bands:
+        raise ValueError(f"the model's preprocess_cfg {what} has {len(values)} per-channel values but the scene has "
+                         f"{n_bands} bands: give one value for all bands, or one per band")
+    return tuple(values)
+
 class TileEncoder:
     "A model bound to a scene's wavelengths: `prep` makes inputs (in workers), `encode` embeds batches."
     def __init__(self, model, wavelengths, preset='reflectance', image_size=None, device=None):
@@ -97,8 +106,11 @@ class TileEncoder:
         self.wavelengths = validate_wavelengths(wavelengths)
         self.device = torch.device(device or next(model.parameters()).device)
         size = image_size or _image_size(model)
-        if self.any_band:
-            self.prep = TilePrep(list(range(len(self.wavelengths))), preset, size)
+        if self.any_band:   # the checkpoint's own input normalisation (upstream DOFA-CLIP: mean = std = 0.5 per band)
+            bands = list(range(len(self.wavelengths)))
+            cfg = getattr(model, 'preprocess_cfg', None) or {}
+            mean, std = (_per_band(cfg[k], len(bands), k) if k in cfg else None for k in ('mean', 'std'))
+            self.prep = TilePrep(bands, preset, size, mean, std)
             self.model_wavelengths = self.wavelengths
         else:
             cfg = getattr(model.visual, 'preprocess_cfg', {}) or {}
