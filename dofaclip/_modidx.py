@@ -201,6 +201,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'dofaclip.explore.TilePrep.__call__': ('explore.html#tileprep.__call__', 'dofaclip/explore.py'),
                                   'dofaclip.explore._image_size': ('explore.html#_image_size', 'dofaclip/explore.py'),
                                   'dofaclip.explore._load_cached': ('explore.html#_load_cached', 'dofaclip/explore.py'),
+                                  'dofaclip.explore._per_band': ('explore.html#_per_band', 'dofaclip/explore.py'),
                                   'dofaclip.explore._slug': ('explore.html#_slug', 'dofaclip/explore.py'),
                                   'dofaclip.explore.auto_preset': ('explore.html#auto_preset', 'dofaclip/explore.py'),
                                   'dofaclip.explore.cache_key': ('explore.html#cache_key', 'dofaclip/explore.py'),
