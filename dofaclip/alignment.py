@@ -10,7 +10,8 @@ import timm
 from fastai.learner import Learner
 from fastai.data.core import DataLoaders
 from fastai.callback.training import GradientClip
-from .zeroshot import (ZeroShotHead, _n_inputs, extract_features, score_logits, cross_modal_retrieval,
+from .preprocess import ImageEncoder, image_encoder, takes_wavelengths
+from .zeroshot import (ZeroShotHead, extract_features, score_logits, cross_modal_retrieval,
                                linear_probe)
 from .patching import AdamW, patching_loss, fit_warmup_cosine
 from .pretrain import LossComponent
@@ -19,8 +20,8 @@ from .backbone import create_backbone, list_backbones
 
 # %% auto #0
 __all__ = ['ENCODER_PREFIXES', 'HEAD_PREFIXES', 'ALIGNMENT_DEFAULTS', 'MultispectralStudent', 'load_student_checkpoint',
-           'create_student', 'AlignmentLoss', 'alignment_dls', 'alignment_learner', 'paired_features', 'embedding_gap',
-           'alignment_report']
+           'create_student', 'teacher_encoder', 'AlignmentLoss', 'alignment_dls', 'alignment_learner',
+           'paired_features', 'embedding_gap', 'alignment_report']
 
 # %% ../nbs/14_alignment.ipynb #58d933b4
 class MultispectralStudent(nn.Module):
@@ -29,7 +30,7 @@ class MultispectralStudent(nn.Module):
         super().__init__()
         width = getattr(backbone, 'num_features', None)
         if width is None: raise ValueError("The backbone must expose `num_features` (its pooled feature width), as timm models do.")
-        needs = _n_inputs(backbone) >= 2
+        needs = takes_wavelengths(backbone)
         if needs and wavelengths is None:
             raise ValueError(f"{type(backbone).__name__} needs the central wavelength (um) of every input band: pass wavelengths=...")
         if not needs and wavelengths is not None:
@@ -110,11 +111,16 @@ def create_student(out_dim: int, model_name: str = 'vit_small_patch16_224', in_c
     return student
 
 # %% ../nbs/14_alignment.ipynb #fc9ef9c6
+def teacher_encoder(teacher: nn.Module) -> ImageEncoder:
+    "The frozen RGB teacher as `images in [0, 1] -> features`, with its own input normalisation (`dofaclip.preprocess`)."
+    return teacher if isinstance(teacher, ImageEncoder) else image_encoder(teacher)
+
 class AlignmentLoss(nn.Module):
     "`MSE(student, teacher(rgb)) + task_weight * task_loss(head(student), y)`, with a frozen teacher and head."
     def __init__(self, teacher: nn.Module, head: ZeroShotHead, multilabel: bool = False, task_weight: float = 0.05):
         super().__init__()
-        self.teacher, self.head = teacher.eval().requires_grad_(False), head.eval().requires_grad_(False)
+        self.teacher = teacher_encoder(teacher).eval().requires_grad_(False)
+        self.head = head.eval().requires_grad_(False)
         self.task_loss, self.task_weight, self.last = patching_loss(multilabel), task_weight, {}
     def teacher_features(self, rgb):
         device = rgb.device
@@ -168,6 +174,7 @@ def alignment_learner(student: nn.Module, teacher: nn.Module, head: ZeroShotHead
 def paired_features(student: nn.Module, teacher: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "(student features of ms, teacher features of rgb, labels) over a loader of (ms, rgb, label) batches, on the CPU."
     s_feats, t_feats, ys = [], [], []
+    teacher = teacher_encoder(teacher)
     was = student.training
     student.eval(); teacher.eval()
     sdev, tdev = next(student.parameters()).device, next(teacher.parameters()).device

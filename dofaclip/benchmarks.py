@@ -14,6 +14,7 @@ import open_clip
 from torchgeo.datasets import EuroSAT, BigEarthNet
 from torchgeo.datasets.errors import DatasetNotFoundError
 from .sensors import wavelengths as sensor_wavelengths
+from .preprocess import resize_images
 
 # %% auto #0
 __all__ = ['S2_BANDS', 'EUROSAT_BANDS', 'BIGEARTHNET_S2_BANDS', 'BIGEARTHNET_S1_BANDS', 'RGB_BANDS', 'RGB_DIVISOR', 'VIEWS',
@@ -61,12 +62,10 @@ def ms_view(image: torch.Tensor, band_names: Sequence[str] | None = None, to_ban
     return torch.cat([x[..., [list(band_names).index(b)], :, :] if b in band_names else zero for b in to_bands], dim=-3)
 
 # %% ../nbs/12_benchmarks.ipynb #0355a1dd
-def clip_transform(size: int = 224, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD) -> Callable:
-    "Turn an RGB composite in [0, 255] (3, H, W) into a CLIP input: bicubic resize to `size`, /255, normalise."
-    mean, std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+def clip_transform(size: int = 224) -> Callable:
+    "RGB composite in [0, 255] (3, H, W) -> [0, 1] at `size` (bicubic); the model's mean/std come later, from `dofaclip.preprocess.image_encoder`."
     def tfm(rgb: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(rgb[None].float() / 255, size=(size, size), mode='bicubic', align_corners=False)[0]
-        return (x.clamp(0, 1) - mean) / std
+        return resize_images(rgb.float() / 255, size, mode='bicubic').clamp(0, 1)
     return tfm
 
 # %% ../nbs/12_benchmarks.ipynb #3f6ceb20

@@ -16,7 +16,9 @@ from fastai.metrics import accuracy
 from fastai.callback.schedule import ParamScheduler, SchedLin, SchedCos, combine_scheds
 from fastai.callback.training import GradientClip
 from .io import atomic_write
-from .zeroshot import ZeroShotHead, ZeroShotClassifier, image_encoder, evaluate_zeroshot
+from .core import progress
+from .preprocess import image_encoder
+from .zeroshot import ZeroShotHead, ZeroShotClassifier, evaluate_zeroshot
 
 # %% auto #0
 __all__ = ['PATCHING_DEFAULTS', 'AdamW', 'ALPHAS', 'patching_loss', 'patching_learner', 'warmup_cosine', 'fit_warmup_cosine',
@@ -91,7 +93,7 @@ def patching_sweep(zeroshot: nn.Module, finetuned: nn.Module, tasks: dict, alpha
     "Score the patched encoder for every alpha on every task: one row per alpha, one column per task."
     if not tasks: raise ValueError("Give at least one task: {'name': task_evaluator(head, loader)}.")
     rows = []
-    for alpha in alphas:
+    for alpha in progress(alphas, desc='patching sweep', unit='alpha'):
         enc = patch_encoder(zeroshot, finetuned, alpha)
         kind = 'zero-shot' if alpha == 0 else 'fine-tuned' if alpha == 1 else 'patched'
         rows.append({'alpha': alpha, 'model': kind, **{name: float(f(enc)) for name, f in tasks.items()}})
