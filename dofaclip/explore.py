@@ -8,7 +8,7 @@ __all__ = ['RGB_TOLERANCE_UM', 'is_any_band_model', 'rgb_band_indices', 'auto_pr
            'logit_scale_of', 'QueryResult', 'SceneExplorer']
 
 # %% ../nbs/15_explore.ipynb #ea50f172
-import hashlib, inspect, json, math, os, re, shutil, time
+import hashlib, json, math, os, re, shutil, time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,16 +23,18 @@ from rasterio.warp import transform as warp_transform
 from .sensors import validate_wavelengths, nearest_bands, RGB_WAVELENGTHS
 from .io import open_scene, tile_grid, read_tile, normalize
 from .weights import model_fingerprint
+from .core import resolve_device, precision_for, autocast_for, progress
+from .preprocess import takes_wavelengths, image_encoder, resize_images
 
 # %% ../nbs/15_explore.ipynb #775fdd5b
 RGB_TOLERANCE_UM = 0.06            # a band further than this from red/green/blue is not that colour
 
 def is_any_band_model(model) -> bool:
-    "True for models whose `encode_image` takes the bands' wavelengths (DOFA-CLIP), False for RGB-only ones."
+    "True for models whose image tower takes the bands' wavelengths (DOFA-CLIP), False for RGB-only ones."
     if not hasattr(model, 'encode_image'):
         raise TypeError(f"{type(model).__name__} has no `encode_image`: pass a DOFA-CLIP (`dofaclip.model.create_model`) "
                         "or an open_clip model (`open_clip.create_model`)")
-    return 'wavelengths' in inspect.signature(model.encode_image).parameters
+    return takes_wavelengths(model)
 
 def rgb_band_indices(wavelengths, tolerance=RGB_TOLERANCE_UM) -> list:
     "Indices of the bands nearest red, green, blue; ValueError if one of them is missing."
@@ -63,24 +65,18 @@ def auto_preset(scene) -> str:
 
 @dataclass
 class TilePrep:
-    "Turn a tile read from a scene into a model input: picklable, runs in DataLoader workers."
+    "Turn a tile read from a scene into [0, 1] pixels at the model's size: picklable, runs in DataLoader workers."
     bands: list            # band indices to keep, in model order
     preset: object         # `dofaclip.io.normalize` preset name, or a (low, high) range mapped to [0, 1] and clipped
     size: int              # model input size (square)
-    mean: tuple = None     # per-channel mean/std after scaling (open_clip models; DOFA-CLIP from preprocess_cfg)
-    std: tuple = None
 
     def __call__(self, pixels, valid=None) -> torch.Tensor:
         x = np.asarray(pixels, dtype=np.float32)[self.bands]
         if isinstance(self.preset, str): x = normalize(x, self.preset)
         else: low, high = self.preset; x = np.clip((x - low) / (high - low), 0, 1)
         if valid is not None: x = np.where(valid[None], x, 0).astype(np.float32)  # nodata -> 0, never NaN
-        x = torch.from_numpy(np.ascontiguousarray(x))
-        if x.shape[-2:] != (self.size, self.size):
-            x = F.interpolate(x[None], size=(self.size, self.size), mode='bilinear', antialias=True, align_corners=False)[0]
-        if self.mean is not None:
-            x = (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
-        return x
+        return resize_images(torch.from_numpy(np.ascontiguousarray(x)), self.size)
+
 
 # %% ../nbs/15_explore.ipynb #de5debd7
 def _image_size(model) -> int:
@@ -88,36 +84,18 @@ def _image_size(model) -> int:
     if size is None: raise ValueError(f"cannot tell the input size of {type(model).__name__}: pass tile_size and image_size")
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
-
-def _per_band(values, n_bands: int, what: str) -> tuple:
-    "A checkpoint's per-channel `values` for `n_bands` bands: equal values apply to any band count."
-    values = [float(v) for v in values]
-    if len(set(values)) == 1: return tuple(values[:1] * n_bands)
-    if len(values) != n_bands:
-        raise ValueError(f"the model's preprocess_cfg {what} has {len(values)} per-channel values but the scene has "
-                         f"{n_bands} bands: give one value for all bands, or one per band")
-    return tuple(values)
-
 class TileEncoder:
-    "A model bound to a scene's wavelengths: `prep` makes inputs (in workers), `encode` embeds batches."
+    "A model bound to a scene's wavelengths on a device: `prep` makes [0, 1] inputs (in workers), `encode` embeds batches."
     def __init__(self, model, wavelengths, preset='reflectance', image_size=None, device=None):
         self.model, self.any_band = model, is_any_band_model(model)
         self.wavelengths = validate_wavelengths(wavelengths)
-        self.device = torch.device(device or next(model.parameters()).device)
-        size = image_size or _image_size(model)
-        if self.any_band:   # the checkpoint's own input normalisation (upstream DOFA-CLIP: mean = std = 0.5 per band)
-            bands = list(range(len(self.wavelengths)))
-            cfg = getattr(model, 'preprocess_cfg', None) or {}
-            mean, std = (_per_band(cfg[k], len(bands), k) if k in cfg else None for k in ('mean', 'std'))
-            self.prep = TilePrep(bands, preset, size, mean, std)
-            self.model_wavelengths = self.wavelengths
-        else:
-            cfg = getattr(model.visual, 'preprocess_cfg', {}) or {}
-            from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-            bands = rgb_band_indices(self.wavelengths)
-            self.prep = TilePrep(bands, preset, size, tuple(cfg.get('mean', OPENAI_DATASET_MEAN)),
-                                 tuple(cfg.get('std', OPENAI_DATASET_STD)))
-            self.model_wavelengths = [self.wavelengths[i] for i in bands]
+        self.device = resolve_device(device)
+        bands = list(range(len(self.wavelengths))) if self.any_band else rgb_band_indices(self.wavelengths)
+        self.model_wavelengths = [self.wavelengths[i] for i in bands]
+        self.prep = TilePrep(bands, preset, image_size or _image_size(model))
+        # the checkpoint's own input normalisation, applied on the device (dofaclip.preprocess: one path for every consumer)
+        self.image_encoder = image_encoder(model, self.model_wavelengths if self.any_band else None)
+        self.model.to(self.device); self.image_encoder.to(self.device)
         self._fingerprint = None
 
     @property
@@ -126,23 +104,22 @@ class TileEncoder:
         return self._fingerprint
 
     @property
-    def precision(self) -> str: return 'bf16' if self.device.type == 'cuda' else 'fp32'
+    def precision(self) -> str: return precision_for(self.device)
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        "L2-normalised embeddings (B, E) of prepared images (B, C, S, S); bf16 autocast on a GPU."
-        self.model.eval()
-        images = images.to(self.device, non_blocking=True)
-        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=self.precision == 'bf16'):
-            if self.any_band: feats = self.model.encode_image(images, self.model_wavelengths)
-            else: feats = self.model.encode_image(images)
+        "L2-normalised embeddings (B, E) of [0, 1] images (B, C, S, S); bf16 autocast on a GPU."
+        self.image_encoder.eval()
+        with autocast_for(self.device): feats = self.image_encoder(images.to(self.device, non_blocking=True))
         return F.normalize(feats.float(), dim=-1).cpu()
 
     def describe(self) -> dict:
         return dict(model=type(self.model).__name__, model_name=getattr(self.model, 'config', {}).get('name')
                     if isinstance(getattr(self.model, 'config', None), dict) else None,
                     any_band=self.any_band, fingerprint=self.fingerprint, wavelengths=self.model_wavelengths,
-                    bands=self.prep.bands, preset=self.prep.preset, image_size=self.prep.size, precision=self.precision)
+                    bands=self.prep.bands, preset=self.prep.preset, image_size=self.prep.size, precision=self.precision,
+                    mean=self.image_encoder.mean.tolist(), std=self.image_encoder.std.tolist())
+
 
 # %% ../nbs/15_explore.ipynb #2d2402fb
 def default_cache_dir() -> Path:
@@ -166,7 +143,8 @@ def cache_key(scene, encoder, tile_size, stride, edge, min_valid) -> str:
     p = Path(scene.path).resolve(); st = p.stat()
     parts = dict(file=str(p), size=st.st_size, mtime=st.st_mtime_ns, model=encoder.fingerprint,
                  wavelengths=[round(w, 6) for w in encoder.model_wavelengths], bands=encoder.prep.bands,
-                 preset=list(encoder.prep.preset) if not isinstance(encoder.prep.preset, str) else encoder.prep.preset, image_size=encoder.prep.size, mean=encoder.prep.mean,
+                 preset=list(encoder.prep.preset) if not isinstance(encoder.prep.preset, str) else encoder.prep.preset, image_size=encoder.prep.size,
+                 mean=encoder.image_encoder.mean.tolist(), std=encoder.image_encoder.std.tolist(),
                  tile_size=tile_size, stride=stride, edge=edge, min_valid=min_valid, precision=encoder.precision)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -244,8 +222,8 @@ def _load_cached(folder: Path, scene, tiles, device='cpu'):
 
 def embed_scene(scene, model, tile_size=None, stride=None, edge='pad', preset='auto', min_valid=0.5,
                 batch_size=32, num_workers=0, cache_dir=None, device=None, image_size=None,
-                sensor=None, wavelengths=None, progress=None) -> SceneEmbedding:
-    "Embed every tile of `scene` (a path or `Scene`) with `model`, reusing the on-disk cache when it matches."
+                sensor=None, wavelengths=None, on_batch=None) -> SceneEmbedding:
+    "Embed every tile of `scene` (a path or `Scene`) with `model` on `device` (default: CUDA when available), reusing the on-disk cache; a progress bar (tiles/s, time left) unless `dofaclip.core.set_quiet()`."
     if not hasattr(scene, 'read'): scene = open_scene(scene, sensor=sensor, wavelengths=wavelengths)
     if edge == 'shift':
         raise ValueError("edge='shift' breaks the regular tile lattice the heat map is painted on: use edge='pad' "
@@ -267,7 +245,9 @@ def embed_scene(scene, model, tile_size=None, stride=None, edge='pad', preset='a
         dl = DataLoader(TileDataset(scene, tiles, encoder.prep, min_valid), batch_size=batch_size,
                         num_workers=num_workers, shuffle=False, pin_memory=encoder.device.type == 'cuda',
                         prefetch_factor=4 if num_workers else None)   # workers read ahead while the GPU embeds
+        bar = progress(total=len(tiles), desc=f'embedding {Path(scene.path).name}', unit='tile')
         for x, frac, idx in dl:
+            bar.update(len(idx))
             keep = frac >= min_valid
             stats['tiles_read'] += len(idx); stats['tiles_skipped'] += int((~keep).sum())
             if not keep.any(): continue
@@ -278,7 +258,8 @@ def embed_scene(scene, model, tile_size=None, stride=None, edge='pad', preset='a
             rows = idx[keep].numpy()
             emb[rows] = feats.numpy().astype(np.float16); embedded[rows] = True
             stats['tiles_embedded'] += len(rows)
-            if progress: progress(stats)
+            if on_batch: on_batch(stats)
+        bar.close()
         if emb is None:
             raise ValueError(f"every tile of {scene.path} is nodata (or has less than {min_valid:.0%} valid pixels): "
                              "nothing to embed; check the file's nodata value, or lower min_valid")
@@ -370,8 +351,10 @@ class QueryResult:
 # %% ../nbs/15_explore.ipynb #fb33685b
 class SceneExplorer:
     "A model and a scene: `embed()` once, then text, prompt-set and image queries are matrix products."
-    def __init__(self, model, scene, tokenizer=None, sensor=None, wavelengths=None, **embed_kw):
-        self.model = model
+    def __init__(self, model, scene, tokenizer=None, sensor=None, wavelengths=None, device=None, **embed_kw):
+        self.device = resolve_device(device)   # default: CUDA when available; the model moves there
+        self.model = model.to(self.device)
+        embed_kw['device'] = self.device
         self.scene = scene if hasattr(scene, 'read') else open_scene(scene, sensor=sensor, wavelengths=wavelengths)
         self.tokenizer = tokenizer or tokenizer_for(model)
         self.embed_kw, self.embedding, self._text = embed_kw, None, {}
