@@ -118,6 +118,16 @@ class DOFACLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.ones([]) * cfg['init_logit_scale'])
         bias = cfg['init_logit_bias']
         self.logit_bias = nn.Parameter(torch.ones([]) * bias) if bias is not None else None
+        # upstream's input normalisation (mean = std = 0.5 per band), recorded as open_clip records it
+        self.preprocess_cfg = dict(size=vc['image_size'], mean=[0.5], std=[0.5])
+
+    @property
+    def preprocess_cfg(self) -> dict | None:
+        "open_clip's preprocessing record (`size`, `mean`, `std`), kept on the image tower as open_clip keeps it."
+        return getattr(self.visual, 'preprocess_cfg', None)
+
+    @preprocess_cfg.setter
+    def preprocess_cfg(self, cfg): self.visual.preprocess_cfg = cfg
 
     @property
     def image_size(self) -> int: return self.visual.image_size
@@ -206,7 +216,8 @@ def encode_image_bound(self: DOFACLIP, wavelengths) -> BoundImageEncoder:
 # %% ../nbs/04_model.ipynb #420b7d2b
 def _text_cfg_of(name_or_model) -> tuple:
     "(text_cfg, folder or None) for a model, a model name, a config dict or a checkpoint folder."
-    if isinstance(name_or_model, DOFACLIP): return name_or_model.config['text_cfg'], None
+    if isinstance(name_or_model, DOFACLIP):   # a loaded checkpoint remembers its folder (tokenizer files may be there)
+        return name_or_model.config['text_cfg'], getattr(name_or_model, 'checkpoint_dir', None)
     if isinstance(name_or_model, dict): return normalize_config(name_or_model)['text_cfg'], None
     if name_or_model in MODEL_CONFIGS: return MODEL_CONFIGS[name_or_model]['text_cfg'], None
     folder = Path(name_or_model)
@@ -223,11 +234,12 @@ def get_tokenizer(name_or_model, path=None):
     if not hf_name:
         if path is not None: raise ValueError("this model uses open_clip's bundled BPE tokenizer: do not pass path")
         return SimpleTokenizer(context_length=context_length, **text_cfg.get('tokenizer_kwargs', {}))
-    if path is None and folder is not None and (folder / 'tokenizer_config.json').is_file(): path = folder
+    if path is None and folder is not None and (Path(folder) / 'tokenizer_config.json').is_file(): path = folder
     if path is None:
         raise ValueError(f"this model uses the SigLIP tokenizer ({hf_name!r} on the Hugging Face hub), which is not "
-                         "downloaded here (no hub access): pass path= a local tokenizer folder (download it where "
-                         f"there is network, e.g. `huggingface-cli download {hf_name}`)")
+                         "found here (no hub access, and no tokenizer_config.json in the checkpoint folder): pass "
+                         "path= a local tokenizer folder, or on the command line --tokenizer PATH (download it where "
+                         f"there is network, e.g. `huggingface-cli download {hf_name}`, or put its files beside the weights)")
     path = Path(path)
     if not path.is_dir(): raise FileNotFoundError(f"tokenizer folder {path} does not exist")
     try: import transformers  # noqa: F401  (open_clip's HFTokenizer is built on it)

@@ -8,13 +8,14 @@ import inspect, warnings
 import torch, torch.nn as nn, torch.nn.functional as F
 import open_clip
 from torchmetrics.functional.classification import multiclass_accuracy, multilabel_average_precision
+from .core import progress, autocast_for
+from .preprocess import image_encoder, input_normalization, normalize_input
 
 # %% auto #0
 __all__ = ['CLASSNAMES', 'TEMPLATES', 'MULTILABEL', 'TINY_CLIP_CONFIG', 'RECALL_KS', 'benchmark_prompts', 'create_tiny_clip',
-           'tiny_tokenizer', 'WavelengthBound', 'image_encoder', 'ZeroShotHead', 'class_embeddings', 'zeroshot_head',
-           'ZeroShotClassifier', 'top1_accuracy', 'macro_average_precision', 'retrieval_recall',
-           'cross_modal_retrieval', 'extract_features', 'score_logits', 'evaluate_zeroshot', 'linear_probe',
-           'zeroshot_report']
+           'tiny_tokenizer', 'ZeroShotHead', 'class_embeddings', 'zeroshot_head', 'ZeroShotClassifier', 'top1_accuracy',
+           'macro_average_precision', 'retrieval_recall', 'cross_modal_retrieval', 'extract_features', 'score_logits',
+           'evaluate_zeroshot', 'linear_probe', 'zeroshot_report']
 
 # %% ../nbs/11_zeroshot.ipynb #cd7715e1
 CLASSNAMES = {
@@ -98,44 +99,21 @@ def tiny_tokenizer():
     "open_clip's bundled BPE tokenizer with the tiny CLIP's context length (works offline)."
     return open_clip.get_tokenizer('ViT-B-32', context_length=TINY_CLIP_CONFIG['text_cfg']['context_length'])
 
-# %% ../nbs/11_zeroshot.ipynb #6808857e
-def _n_inputs(module: nn.Module) -> int:
-    "Number of positional inputs `module.forward` takes (without self)."
-    params = inspect.signature(module.forward).parameters.values()
-    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)
-
-class WavelengthBound(nn.Module):
-    "An image encoder `visual(images, wavelengths)` with its wavelengths (um) fixed: forward(images) -> features."
-    def __init__(self, visual: nn.Module, wavelengths):
-        super().__init__()
-        self.visual = visual
-        self.register_buffer('wavelengths', torch.as_tensor(wavelengths, dtype=torch.float32), persistent=False)
-    def forward(self, images): return self.visual(images, self.wavelengths)
-
-def image_encoder(model: nn.Module, wavelengths=None) -> nn.Module:
-    "The image tower of a CLIP-like `model` as a module `images -> features` (bound to `wavelengths` if it needs them)."
-    visual = model.visual if hasattr(model, 'visual') else model
-    needs = _n_inputs(visual) >= 2
-    if needs and wavelengths is None:
-        raise ValueError(f"{type(visual).__name__} needs the central wavelength (um) of every input band: pass "
-                         "wavelengths=..., e.g. dofaclip.sensors.wavelengths('sentinel-2-l1c').")
-    if not needs and wavelengths is not None:
-        raise ValueError(f"{type(visual).__name__} takes fixed RGB input and no wavelengths: "
-                         "drop wavelengths= (or use a DOFA-CLIP model for other band sets).")
-    return WavelengthBound(visual, wavelengths) if needs else visual
-
 # %% ../nbs/11_zeroshot.ipynb #f157f9fc
 class ZeroShotHead(nn.Module):
-    "Frozen bias-free linear classifier on L2-normalised image features; rows = scaled class embeddings."
-    def __init__(self, class_embeddings: torch.Tensor, logit_scale: float = 1.0, classnames: list[str] | None = None):
+    "Frozen linear classifier on L2-normalised image features; rows = scaled class embeddings, bias = SigLIP's `logit_bias`."
+    def __init__(self, class_embeddings: torch.Tensor, logit_scale: float = 1.0, classnames: list[str] | None = None,
+                 logit_bias: float | None = None):
         super().__init__()
         n_classes, dim = class_embeddings.shape
         if classnames is not None and len(classnames) != n_classes:
             raise ValueError(f"{len(classnames)} class names but the head has {n_classes} classes: "
                              "build the head from the same class-name list you evaluate with.")
         self.classnames = list(classnames) if classnames is not None else None
-        self.linear = nn.Linear(dim, n_classes, bias=False)
-        with torch.no_grad(): self.linear.weight.copy_(class_embeddings * logit_scale)
+        self.linear = nn.Linear(dim, n_classes, bias=logit_bias is not None)
+        with torch.no_grad():
+            self.linear.weight.copy_(class_embeddings * logit_scale)
+            if logit_bias is not None: self.linear.bias.fill_(logit_bias)   # sigmoid models score with a bias
         self.requires_grad_(False)
     @property
     def num_classes(self): return self.linear.out_features
@@ -158,7 +136,9 @@ def class_embeddings(model, tokenizer, classnames: list[str], templates: list[st
 def zeroshot_head(model, tokenizer, classnames: list[str], templates: list[str]) -> ZeroShotHead:
     "The frozen zero-shot head of a CLIP-like `model` (`encode_text`, `logit_scale`) for `classnames`."
     emb = class_embeddings(model, tokenizer, classnames, templates)
-    return ZeroShotHead(emb, model.logit_scale.exp().item(), classnames).to(emb.device)
+    bias = getattr(model, 'logit_bias', None)
+    return ZeroShotHead(emb, model.logit_scale.exp().item(), classnames,
+                        None if bias is None else bias.item()).to(emb.device)
 
 # %% ../nbs/11_zeroshot.ipynb #44de2678
 class ZeroShotClassifier(nn.Module):
@@ -227,15 +207,16 @@ def _split_batch(batch):
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    "Run `encoder` over `loader` in eval mode: (features, targets), both on the CPU."
+    "Run `encoder` over `loader` in eval mode (bf16 autocast on a GPU, a progress bar): (features, targets) on the CPU."
     was_training = encoder.training
     encoder.eval()
     device = next(encoder.parameters()).device
     feats, targets = [], []
     try:
-        for batch in loader:
+        for batch in progress(loader, total=len(loader) if hasattr(loader, '__len__') else None, desc='features', unit='batch'):
             x, y = _split_batch(batch)
-            feats.append(encoder(x.to(device)).float().cpu()); targets.append(torch.as_tensor(y).cpu())
+            with autocast_for(device): f = encoder(x.to(device))
+            feats.append(f.float().cpu()); targets.append(torch.as_tensor(y).cpu())
     finally: encoder.train(was_training)
     if not feats: raise ValueError("The loader yielded no batches.")
     return torch.cat(feats), torch.cat(targets)
