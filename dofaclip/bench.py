@@ -67,19 +67,19 @@ def bench_row(name: str, fn, batch: int, device, peak_flops: float, unit: str = 
 TIMM_TWINS = {'dofa_siglip_base_patch16_224': 'vit_base_patch16_siglip_224',
               'dofa_siglip_so400m_patch14_384': 'vit_so400m_patch14_siglip_384'}
 
-def timm_twin(backbone: str):
+def timm_twin(backbone: str, **overrides):
     "timm's plain ViT with the same architecture as our backbone `backbone` (random init, fixed 3-band embedding)."
-    if backbone in TIMM_TWINS: return timm.create_model(TIMM_TWINS[backbone], pretrained=False, num_classes=0)
-    cfg = {k: v for k, v in BACKBONE_CONFIGS[backbone].items() if k != 'padding'}
+    if backbone in TIMM_TWINS: return timm.create_model(TIMM_TWINS[backbone], pretrained=False, num_classes=0, **overrides)
+    cfg = {k: v for k, v in {**BACKBONE_CONFIGS[backbone], **overrides}.items() if k != 'padding'}
     return timm.models.vision_transformer.VisionTransformer(**cfg, num_classes=0)
 
 def _autocast(device, dtype):
     device = torch.device(device)
     return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
-def vision_fn(backbone: str, bands: int | None, batch: int, device, dtype=torch.bfloat16, compile: bool = False):
-    "A no-argument inference call of our backbone with `bands` bands, or timm's twin when `bands` is None."
-    model = (create_backbone(backbone) if bands else timm_twin(backbone)).to(device).eval()
+def vision_fn(backbone: str, bands: int | None, batch: int, device, dtype=torch.bfloat16, compile: bool = False, **overrides):
+    "A no-argument inference call of our backbone with `bands` bands, or timm's twin when `bands` is None (`overrides`: e.g. depth)."
+    model = (create_backbone(backbone, **overrides) if bands else timm_twin(backbone, **overrides)).to(device).eval()
     model.requires_grad_(False)  # inference; also keeps the FLOP counter's module tracker off autograd
     if compile: model = torch.compile(model)
     size = BACKBONE_CONFIGS[backbone]['img_size']
@@ -91,9 +91,9 @@ def vision_fn(backbone: str, bands: int | None, batch: int, device, dtype=torch.
     return run
 
 # %% ../nbs/18_bench.ipynb #17709032
-def projection_fn(backbone: str, bands: int, batch: int, device, projection: str, dtype=torch.bfloat16):
+def projection_fn(backbone: str, bands: int, batch: int, device, projection: str, dtype=torch.bfloat16, **overrides):
     "A no-argument call of just our patch embedding (kernel cached) with `bands` bands and the given `projection`."
-    embed = create_backbone(backbone).patch_embed.to(device).eval().requires_grad_(False)
+    embed = create_backbone(backbone, **overrides).patch_embed.to(device).eval().requires_grad_(False)
     embed.projection = projection
     size = BACKBONE_CONFIGS[backbone]['img_size']
     x = torch.randn(batch, bands, size, size, device=device)

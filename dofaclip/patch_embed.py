@@ -121,7 +121,7 @@ class DOFAPatchEmbed(nn.Module):
 
     def feat_ratio(self, as_scalar=True): return self.patch_size[0] if as_scalar else self.patch_size
     def dynamic_feat_size(self, img_size) -> tuple:
-        "Token grid (rows, cols) for an image of `img_size` (H, W)."
+        "Token grid (rows, cols) for an image of `img_size` (H, W): whole patches only, as a strided conv (floor)."
         k, p = self.patch_size[0], self.padding
         return tuple((s + 2 * p - k) // k + 1 for s in img_size)
 
@@ -158,6 +158,19 @@ def kernel(self: DOFAPatchEmbed, wavelengths) -> tuple:
 
 # %% ../nbs/02_patch_embed.ipynb #e0450773
 @patch
+def size_range(self: DOFAPatchEmbed, grid=None) -> tuple:
+    "Smallest and largest image side (px) per axis that give `grid` (default: the configured `grid_size`)."
+    k, p = self.patch_size[0], self.padding
+    return tuple((g * k - 2 * p, (g + 1) * k - 1 - 2 * p) for g in (grid or self.grid_size))
+
+@patch
+def _sizes_text(self: DOFAPatchEmbed) -> str:
+    "The sizes that work, for messages: '378..391 px for a 27x27 grid'."
+    (h0, h1), (w0, w1) = self.size_range()
+    sides = f"{h0}..{h1} px" if (h0, h1) == (w0, w1) else f"{h0}..{h1} x {w0}..{w1} px (rows x cols)"
+    return f"{sides} for a {self.grid_size[0]}x{self.grid_size[1]} grid"
+
+@patch
 def _check_image(self: DOFAPatchEmbed, x: torch.Tensor, n_wavelengths: int):
     if x.ndim != 4: raise ValueError(f"expected images of shape (B, C, H, W), got shape {tuple(x.shape)}")
     B, C, H, W = x.shape
@@ -168,22 +181,21 @@ def _check_image(self: DOFAPatchEmbed, x: torch.Tensor, n_wavelengths: int):
     if min(H, W) + 2 * p < k:
         raise ValueError(f"image of {H}x{W} px is smaller than one {k}x{k} patch: use larger tiles "
                          f"(at least {k - 2 * p} px per side) or resize")
-    if self.strict_img_size and (H, W) != self.img_size:
-        raise ValueError(f"image of {H}x{W} px, expected {self.img_size}: resize, or build the model with dynamic_img_size")
-    if p == 0 and (H % k or W % k):
-        raise ValueError(f"image of {H}x{W} px is not a multiple of the {k} px patch: crop or resize "
-                         f"(e.g. to {H // k * k}x{W // k * k}); the last partial patches would be silently dropped")
+    grid = self.dynamic_feat_size((H, W))
+    if self.strict_img_size and grid != tuple(self.grid_size):
+        raise ValueError(f"image of {H}x{W} px gives a {grid[0]}x{grid[1]} token grid, but this model's grid is fixed: it takes "
+                         f"{self._sizes_text()}; resize or crop, or build the model with dynamic_img_size=True")
 
 @patch
 def _project(self: DOFAPatchEmbed, x, weight, bias):
-    "The patch projection with the generated kernel -> (B, H', W', D), as a patchify + matmul or a strided conv."
+    "The patch projection with the generated kernel -> (B, H', W', D), as a patchify + matmul or a strided conv (whole patches only)."
     weight, bias = weight.to(x.dtype), bias.to(x.dtype)
     if self.projection == 'conv':
         return F.conv2d(x, weight, bias, stride=self.patch_size, padding=self.padding).permute(0, 2, 3, 1)
     k, p = self.patch_size[0], self.padding
     if p: x = F.pad(x, (p, p, p, p))
     B, C, H, W = x.shape
-    h, w = H // k, W // k   # the conv's grid: (H + 2p - k) // k + 1 == (H + 2p) // k
+    h, w = H // k, W // k   # the conv's grid: (H + 2p - k) // k + 1 == (H + 2p) // k; the rest is cropped
     patches = x[:, :, :h * k, :w * k].reshape(B, C, h, k, w, k).permute(0, 2, 4, 1, 3, 5).reshape(B * h * w, C * k * k)
     return torch.addmm(bias, patches, weight.reshape(len(weight), -1).t()).reshape(B, h, w, -1)
 

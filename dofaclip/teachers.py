@@ -15,6 +15,7 @@ import timm
 from timm.data import resolve_data_config
 from .sensors import validate_wavelengths, nearest_bands, RGB_WAVELENGTHS
 from .io import atomic_write
+from .core import autocast_for, progress
 
 # %% ../nbs/06_teachers.ipynb #c1a2be70
 SAR_MIN_CODE = 3.0    # optical bands stop at ~2.5 um; DOFA's SAR codes are 3.75 (v1) and 5.405 (v2)
@@ -139,7 +140,7 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def forward(self, images, wavelengths):
         x = self.prepare(images, wavelengths)
-        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=x.is_cuda):
+        with autocast_for(x.device):   # bf16 on CUDA, fp32 elsewhere
             tokens = self.model.forward_features(x)
         return tokens[:, self.model.num_prefix_tokens:].float()
 
@@ -193,8 +194,19 @@ class _ShardWriter:
         atomic_write(self.folder / f'shard_{self.n_shards:05d}.npy', _save_npy(np.stack(self.buffer[:n]).astype(np.float16)))
         self.buffer, self.n_shards = self.buffer[n:], self.n_shards + 1
 
+def _run_teachers(teachers: dict, images, wavelengths, ids) -> dict:
+    "{teacher: features (B, N, D) as numpy} of one batch; non-finite features are refused, naming the samples."
+    out = {}
+    for name, teacher in teachers.items():
+        device = next(teacher.parameters()).device   # teachers may sit on a GPU, the dataset's views on the host
+        out[name] = teacher(images.to(device, non_blocking=True), wavelengths).cpu().numpy()
+        if not np.isfinite(out[name]).all():
+            raise ValueError(f"teacher {name} gave non-finite features for samples {ids}; check those images for NaN/nodata.")
+    return out
+
+# %% ../nbs/06_teachers.ipynb #a748fd86
 def build_teacher_cache(data, teachers: dict, out_dir, bs: int = 32, shard_size: int = 4096) -> 'TeacherCache':
-    "Run `teachers` over `data` (a dataset or list of datasets with fixed views) and store their patch tokens as fp16 shards in `out_dir`."
+    "Run `teachers` over `data` (a dataset or list of datasets with fixed views) and store their patch tokens as fp16 shards in `out_dir` (with a progress bar)."
     out_dir = Path(out_dir)
     datasets = [data] if _is_dataset(data) else list(data) if isinstance(data, (list, tuple)) and data and all(map(_is_dataset, data)) else None
     identities, views = {}, {}
@@ -215,20 +227,17 @@ def build_teacher_cache(data, teachers: dict, out_dir, bs: int = 32, shard_size:
     (out_dir / 'index.json').unlink(missing_ok=True)   # the folder is not a valid cache until the new index is written
     writers = {name: _ShardWriter(out_dir / name, shard_size) for name in teachers}
     index, shapes = {}, {}
-    for images, wavelengths, ids in batches:
-        ids = [int(i) for i in torch.as_tensor(ids).flatten()]
-        twice = [i for i in ids if str(i) in index] + [i for k, i in enumerate(ids) if i in ids[:k]]
-        if twice: raise ValueError(f"sample ids {twice[:8]} appear twice; cache ids must be unique.")
-        for name, teacher in teachers.items():
-            device = next(teacher.parameters()).device   # teachers may sit on a GPU, the dataset's views on the host
-            feats = teacher(images.to(device, non_blocking=True), wavelengths).cpu().numpy()
-            if not np.isfinite(feats).all():
-                raise ValueError(f"teacher {name} gave non-finite features for samples {ids}; check those images for NaN/nodata.")
-            shapes[name] = list(feats.shape[1:])
-            writers[name].add(list(feats))
-        for i in ids:
-            n = len(index)
-            index[str(i)] = [n // shard_size, n % shard_size]
+    n_samples = len(identities) or None   # unknown for bare batches: the bar shows the rate only
+    with progress(total=n_samples, desc='teacher features', unit='sample') as bar:
+        for images, wavelengths, ids in batches:
+            ids = [int(i) for i in torch.as_tensor(ids).flatten()]
+            twice = [i for i in ids if str(i) in index] + [i for k, i in enumerate(ids) if i in ids[:k]]
+            if twice: raise ValueError(f"sample ids {twice[:8]} appear twice; cache ids must be unique.")
+            for name, feats in _run_teachers(teachers, images, wavelengths, ids).items():
+                shapes[name] = list(feats.shape[1:])
+                writers[name].add(list(feats))
+            for i in ids: index[str(i)] = [len(index) // shard_size, len(index) % shard_size]   # (shard, row)
+            bar.update(len(ids))
     for w in writers.values(): w.flush()
     meta = dict(teachers=list(teachers), shapes=shapes, weights={n: float(getattr(t, 'weight', 1.0)) for n, t in teachers.items()},
                 teacher_identity={n: t.identity() if hasattr(t, 'identity') else None for n, t in teachers.items()},

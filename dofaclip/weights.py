@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from .io import atomic_write
 from .model import DOFACLIP, create_model, list_models, normalize_config
+from .maka import translators_from_state_dict
 
 # %% ../nbs/05_weights.ipynb #a6f8c304
 CONFIG_NAME = 'open_clip_config.json'
@@ -113,7 +114,9 @@ def check_state_dict(model: nn.Module, state_dict: dict, report: LoadReport | No
 def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True, allow_missing: tuple = ()) -> LoadReport:
     "Load weights into `model`; strict: any missing/unexpected/mis-shaped key raises `CheckpointError` naming all."
     report = LoadReport()
-    sd = read_state_dict(path_or_state_dict, report)
+    return _load_state_dict(model, read_state_dict(path_or_state_dict, report), report, strict, allow_missing)
+
+def _load_state_dict(model, sd: dict, report: LoadReport, strict: bool = True, allow_missing: tuple = ()) -> LoadReport:
     check_state_dict(model, sd, report, allow_missing)
     if strict and not report.ok:
         raise CheckpointError(f"checkpoint {report.source} does not match {type(model).__name__}:\n{report.problems()}\n"
@@ -123,7 +126,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True, a
     if not report.ok: warnings.warn(f"non-strict checkpoint load, not loaded:\n{report.problems()}")
     if report.skipped:   # by design (e.g. MaKA translators of a pretraining checkpoint), but never silent
         warnings.warn(f"{report.source}: skipped {len(report.skipped)} training-only keys the model has no place for: "
-                      f"{', '.join(report.skipped)}")
+                      f"{', '.join(report.skipped)} (load_pretrained(..., keep_translators=True) keeps MaKA translators)")
     return report
 
 # %% ../nbs/05_weights.ipynb #f68ab6bd
@@ -166,8 +169,8 @@ def _download(repo_id: str, local_files_only: bool = False) -> Path:
     except Exception as e:
         raise ConnectionError(f"could not get {repo_id!r} from the Hugging Face hub ({type(e).__name__}); {advice}") from e
 
-def load_pretrained(name_or_path, strict: bool = True, local_files_only: bool = False) -> DOFACLIP:
-    "A DOFA-CLIP model from a hub-layout folder (or `hf-hub:org/name` with network), in eval mode."
+def load_pretrained(name_or_path, strict: bool = True, local_files_only: bool = False, keep_translators: bool = False) -> DOFACLIP:
+    "A DOFA-CLIP model from a hub-layout folder (or `hf-hub:org/name`), in eval mode; `keep_translators`: with its MaKA translators."
     name = str(name_or_path)
     if name in list_models():
         raise ValueError(f"{name!r} is an architecture, not weights: create_model({name!r}) gives random weights; "
@@ -179,9 +182,15 @@ def load_pretrained(name_or_path, strict: bool = True, local_files_only: bool = 
     if not config_path.is_file(): raise FileNotFoundError(f"{config_path} not found: a checkpoint folder needs {CONFIG_NAME}")
     try: config = json.loads(config_path.read_text())
     except json.JSONDecodeError as e: raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
-    model = create_model(normalize_config(config))
-    model.load_report = load_checkpoint(model, folder, strict=strict)
-    model.preprocess_cfg = config.get('preprocess_cfg')
+    model, report = create_model(normalize_config(config)), LoadReport()
+    sd = read_state_dict(folder, report)
+    if keep_translators:   # build them from the checkpoint's shapes; the strict load below checks every key
+        try: model.translators = translators_from_state_dict(sd)
+        except ValueError as e: raise CheckpointError(f"{report.source}: {e}") from None
+        if not len(model.translators):
+            raise CheckpointError(f"{report.source} has no translators.* keys: load it without keep_translators")
+    model.load_report = _load_state_dict(model, sd, report, strict)
+    model.preprocess_cfg, model.checkpoint_dir = config.get('preprocess_cfg'), folder
     return model.eval()
 
 # %% ../nbs/05_weights.ipynb #23ca7553
