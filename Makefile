@@ -23,8 +23,9 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
+# demo_out/ is this target's own folder: a second `make demo` replaces it (--overwrite)
 demo: setup
-	$(BIN)/dofaclip demo --query "$(QUERY)" --out demo_out
+	$(BIN)/dofaclip demo --query "$(QUERY)" --out demo_out --overwrite
 
 test: setup browser
 	$(PY) tools/run_tests.py

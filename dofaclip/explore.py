@@ -291,8 +291,6 @@ def logit_scale_of(model) -> float:
     s = getattr(model, 'logit_scale', None)
     return float(min(s.detach().exp().item(), 100.0)) if s is not None else 100.0
 
-def _slug(text) -> str: return re.sub(r'[^a-z0-9]+', '-', text.lower()).strip('-')[:40] or 'query'
-
 # %% ../nbs/15_explore.ipynb #ecf63fe8
 @dataclass
 class QueryResult:

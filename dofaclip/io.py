@@ -24,12 +24,14 @@ from .sensors import get_sensor, validate_wavelengths, wavelengths_from_descript
 from .sensors import wavelengths as sensor_wavelengths
 
 # %% ../nbs/01_io.ipynb #fd7deff7
+import importlib.resources
+
 def _sample_dirs() -> list:
     dirs = [Path(os.environ['DOFACLIP_DATA'])] if os.environ.get('DOFACLIP_DATA') else []
-    return dirs + [Path(dofaclip.__file__).resolve().parents[1] / 'data']  # the repository's data/ beside the package
+    return dirs + [Path(str(importlib.resources.files('dofaclip') / 'samples'))]  # package data, in a wheel too
 
 def sample_path(name: str) -> Path:
-    "Path of the bundled sample raster `name` (searched in `$DOFACLIP_DATA`, then the repository's `data/`)."
+    "Path of the bundled sample raster `name` (searched in `$DOFACLIP_DATA`, then the package's `samples/`)."
     dirs = _sample_dirs()
     for d in dirs:
         if (d / name).is_file(): return d / name
