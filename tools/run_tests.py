@@ -3,7 +3,8 @@
 1. the exported package is in sync with the notebooks (`nbdev-export` changes nothing);
 2. the notebooks are clean (`nbdev-clean` changes nothing);
 3. every notebook runs (`nbdev-test`, one process per notebook, in parallel);
-4. `pytest tests/`.
+4. `pytest tests/`: a skipped test fails the run (except a CUDA-only test on a machine without a GPU), and so does
+   a run that collects no tests.
 
 Ends with one line `N passed, N failed` over checks, notebooks and pytest tests.
 Extra flags for nbdev-test (e.g. `slow cuda`) come from the environment variable TEST_FLAGS.
@@ -14,6 +15,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+
+
+def cuda_available() -> bool:
+    res = subprocess.run([sys.executable, '-c', 'import torch; print(torch.cuda.is_available())'], capture_output=True, text=True)
+    return res.stdout.strip() == 'True'
 
 
 def digest(paths):
@@ -69,13 +75,17 @@ def main():
     junit.parent.mkdir(exist_ok=True)
     junit.unlink(missing_ok=True)
     res = subprocess.run([sys.executable, '-m', 'pytest', 'tests', '-q', f'--junitxml={junit}'], cwd=ROOT)
-    if res.returncode == 5: print('pytest: no tests collected')
+    if res.returncode == 5: check('pytest collected tests', False, '  pytest collected no tests from tests/')
     elif junit.exists():
         for case in ET.parse(junit).getroot().iter('testcase'):
             name = f"pytest {case.get('classname')}::{case.get('name')}"
             bad = case.find('failure') is not None or case.find('error') is not None
-            if case.find('skipped') is None: check(name, not bad)
-            else: print(f'SKIP  {name}: {case.find("skipped").get("message")}')
+            skipped = case.find('skipped')
+            if skipped is None: check(name, not bad)
+            else:   # a skip is a failure unless it only waits for a GPU this machine lacks
+                why = skipped.get('message') or ''
+                if 'CUDA' in why and not cuda_available(): print(f'SKIP  {name}: {why}')
+                else: check(name, False, f'  skipped: {why}')
     if res.returncode not in (0, 5) and not junit.exists(): check('pytest run', False, f'exit code {res.returncode}')
 
     if failed: print('\nFailed:\n  ' + '\n  '.join(failed))
