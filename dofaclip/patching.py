@@ -23,7 +23,7 @@ from .zeroshot import ZeroShotHead, ZeroShotClassifier, evaluate_zeroshot
 # %% auto #0
 __all__ = ['PATCHING_DEFAULTS', 'AdamW', 'ALPHAS', 'patching_loss', 'patching_learner', 'warmup_cosine', 'fit_warmup_cosine',
            'interpolate_state', 'patch_encoder', 'task_evaluator', 'patching_sweep', 'choose_alpha', 'save_patched',
-           'patch']
+           'paint']
 
 # %% ../nbs/13_patching.ipynb #6c993d20
 PATCHING_DEFAULTS = dict(lr=1e-5, wd=0.1, batch_size=128, grad_clip=1.0, warmup_pct=0.1)
@@ -124,7 +124,7 @@ def save_patched(model: nn.Module, patched_visual: nn.Module, directory, alpha: 
     return ckpt
 
 # %% ../nbs/13_patching.ipynb #9baa3215
-def patch(model: nn.Module, dls, head: ZeroShotHead, tasks: dict, supported: str, patching: str,
+def paint(model: nn.Module, dls, head: ZeroShotHead, tasks: dict, supported: str, patching: str,
           multilabel: bool = False, epochs: int = 1, lr: float = 1e-5, wd: float = 0.1, warmup_pct: float = 0.1,
           wavelengths=None, alphas=ALPHAS, quiet: bool = True) -> dict:
     "PAINT end to end: fine-tune a copy of `model.visual` on `dls`, sweep alphas on `tasks`, pick alpha."
