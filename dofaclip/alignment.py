@@ -9,12 +9,10 @@ import torch, torch.nn as nn, torch.nn.functional as F
 import timm
 from fastai.learner import Learner
 from fastai.data.core import DataLoaders
-from fastai.callback.training import GradientClip
 from .preprocess import ImageEncoder, image_encoder, takes_wavelengths
 from .zeroshot import (ZeroShotHead, extract_features, score_logits, cross_modal_retrieval,
                                linear_probe)
-from .patching import AdamW, patching_loss, fit_warmup_cosine
-from .pretrain import LossComponent
+from .training import AdamW, classification_loss, fit_warmup_cosine, LossComponent, grad_clip_cbs, set_precision
 from .weights import LoadReport, CheckpointError, read_state_dict, check_state_dict
 from .backbone import create_backbone, list_backbones
 
@@ -121,7 +119,7 @@ class AlignmentLoss(nn.Module):
         super().__init__()
         self.teacher = teacher_encoder(teacher).eval().requires_grad_(False)
         self.head = head.eval().requires_grad_(False)
-        self.task_loss, self.task_weight, self.last = patching_loss(multilabel), task_weight, {}
+        self.task_loss, self.task_weight, self.last = classification_loss(multilabel), task_weight, {}
     def teacher_features(self, rgb):
         device = rgb.device
         if next(self.teacher.parameters()).device != device: self.teacher.to(device)
@@ -162,12 +160,11 @@ def alignment_learner(student: nn.Module, teacher: nn.Module, head: ZeroShotHead
         raise ValueError(f"dls.n_inp is {n_inp}: fastai would pass the RGB view to the student as a second input. "
                          "Alignment batches are (ms, rgb, label) with one model input: build the loaders with "
                          "alignment_dls(train_ds, valid_ds, ...) or set dls.n_inp = 1 yourself.")
-    cbs = ([GradientClip(grad_clip)] if grad_clip else []) + list(cbs or [])
+    cbs = grad_clip_cbs(grad_clip) + list(cbs or [])
     metrics = [LossComponent('mse'), LossComponent('task')] + list(metrics or [])
     learn = Learner(dls, student, loss_func=AlignmentLoss(teacher, head, multilabel, task_weight), opt_func=AdamW,
                     lr=lr, wd=wd, cbs=cbs, metrics=metrics, **kwargs)
-    if bf16 is None: bf16 = torch.cuda.is_available()
-    return learn.to_bf16() if bf16 else learn
+    return set_precision(learn, bf16)
 
 # %% ../nbs/14_alignment.ipynb #cd6a8ca0
 @torch.no_grad()

@@ -5,34 +5,23 @@
 # %% ../nbs/13_patching.ipynb #cd3b508f
 from __future__ import annotations
 import copy, json
-from functools import partial
 from pathlib import Path
 import pandas as pd
 import torch, torch.nn as nn
 from fastai.learner import Learner
-from fastai.optimizer import Adam
-from fastai.losses import CrossEntropyLossFlat, BCEWithLogitsLossFlat
 from fastai.metrics import accuracy
-from fastai.callback.schedule import ParamScheduler, SchedLin, SchedCos, combine_scheds
-from fastai.callback.training import GradientClip
 from .io import atomic_write
 from .core import progress
+from .training import AdamW, classification_loss, fit_warmup_cosine, grad_clip_cbs, set_precision
 from .preprocess import image_encoder
 from .zeroshot import ZeroShotHead, ZeroShotClassifier, evaluate_zeroshot
 
 # %% auto #0
-__all__ = ['PATCHING_DEFAULTS', 'AdamW', 'ALPHAS', 'patching_loss', 'patching_learner', 'warmup_cosine', 'fit_warmup_cosine',
-           'interpolate_state', 'patch_encoder', 'task_evaluator', 'patching_sweep', 'choose_alpha', 'save_patched',
-           'paint']
+__all__ = ['PATCHING_DEFAULTS', 'ALPHAS', 'patching_learner', 'interpolate_state', 'patch_encoder', 'task_evaluator',
+           'patching_sweep', 'choose_alpha', 'save_patched', 'paint']
 
 # %% ../nbs/13_patching.ipynb #6c993d20
 PATCHING_DEFAULTS = dict(lr=1e-5, wd=0.1, batch_size=128, grad_clip=1.0, warmup_pct=0.1)
-
-def patching_loss(multilabel: bool = False):
-    "Cross-entropy for multi-class targets, BCE-with-logits for multi-hot targets."
-    return BCEWithLogitsLossFlat() if multilabel else CrossEntropyLossFlat()
-
-AdamW = partial(Adam, sqr_mom=0.999, eps=1e-8, decouple_wd=True)  # torch.optim.AdamW's betas and eps
 
 def _encoder_params(model: ZeroShotClassifier):
     return [[p for p in model.image_encoder.parameters() if p.requires_grad]]
@@ -43,23 +32,11 @@ def patching_learner(classifier: ZeroShotClassifier, dls, multilabel: bool = Fal
     if not isinstance(classifier, ZeroShotClassifier):
         raise TypeError("Pass a ZeroShotClassifier(image_encoder, head) so that the head can be kept frozen.")
     classifier.head.requires_grad_(False)
-    learn = Learner(dls, classifier, loss_func=patching_loss(multilabel), opt_func=AdamW, lr=lr, wd=wd,
+    learn = Learner(dls, classifier, loss_func=classification_loss(multilabel), opt_func=AdamW, lr=lr, wd=wd,
                     splitter=_encoder_params, metrics=None if multilabel else accuracy,
-                    cbs=[GradientClip(grad_clip)] + list(cbs or []), **kwargs)
-    if bf16 is None: bf16 = torch.cuda.is_available()
-    return learn.to_bf16() if bf16 else learn
+                    cbs=grad_clip_cbs(grad_clip) + list(cbs or []), **kwargs)
+    return set_precision(learn, bf16)
 
-def warmup_cosine(lr: float, warmup_pct: float = 0.1):
-    "Linear warm-up from 0 to `lr` over `warmup_pct` of training, then cosine decay to 0."
-    if not 0 <= warmup_pct < 1: raise ValueError(f"warmup_pct must be in [0, 1), got {warmup_pct}.")
-    if warmup_pct == 0: return SchedCos(lr, 0)
-    return combine_scheds([warmup_pct, 1 - warmup_pct], [SchedLin(0, lr), SchedCos(lr, 0)])
-
-def fit_warmup_cosine(learn: Learner, n_epoch: int, lr: float | None = None, warmup_pct: float = 0.1, cbs=None, **kwargs):
-    "Train `learn` for `n_epoch` epochs with a warm-up + cosine learning-rate schedule (`cbs`, `start_epoch`... go to `learn.fit`)."
-    lr = learn.lr if lr is None else lr
-    learn.fit(n_epoch, lr=lr, cbs=[ParamScheduler({'lr': warmup_cosine(lr, warmup_pct)})] + list(cbs or []), **kwargs)
-    return learn
 
 # %% ../nbs/13_patching.ipynb #e0f2adbd
 def interpolate_state(zeroshot: dict, finetuned: dict, alpha: float) -> dict:
