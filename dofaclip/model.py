@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['MODEL_CONFIGS', 'UPSTREAM_VISION_TOWERS', 'list_models', 'normalize_config', 'DOFAImageEncoder', 'DOFACLIP',
-           'create_model', 'BoundImageEncoder', 'get_tokenizer']
+           'create_model', 'get_tokenizer']
 
 # %% ../nbs/04_model.ipynb #dcaef2b2
 import copy, math, json
@@ -190,28 +190,6 @@ def create_model(name_or_config, device=None, **overrides) -> DOFACLIP:
         cfg[key] = {**cfg.get(key, {}), **value} if key in ('vision_cfg', 'text_cfg') else value
     if device is None: return DOFACLIP(cfg)
     with torch.device(device): return DOFACLIP(cfg)
-
-# %% ../nbs/04_model.ipynb #9bb194d8
-class BoundImageEncoder(nn.Module):
-    "`model.visual` with fixed wavelengths: `forward(images)` = `model.encode_image(images, wavelengths)`."
-    def __init__(self, model_or_visual: nn.Module, wavelengths):
-        super().__init__()
-        self.visual = getattr(model_or_visual, 'visual', model_or_visual)
-        self.wavelengths = resolve_wavelengths(wavelengths)
-    @property
-    def image_size(self) -> int: return self.visual.image_size
-    @property
-    def embed_dim(self) -> int: return self.visual.embed_dim
-    def forward(self, images: torch.Tensor) -> torch.Tensor: return self.visual(images, self.wavelengths)
-    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        features = self(images)
-        return F.normalize(features, dim=-1) if normalize else features
-    def extra_repr(self) -> str: return f"wavelengths={self.wavelengths}"
-
-@patch
-def encode_image_bound(self: DOFACLIP, wavelengths) -> BoundImageEncoder:
-    "The image encoder with `wavelengths` fixed (shares parameters with this model)."
-    return BoundImageEncoder(self, wavelengths)
 
 # %% ../nbs/04_model.ipynb #420b7d2b
 def _text_cfg_of(name_or_model) -> tuple:
