@@ -10,8 +10,7 @@ __all__ = ['WavelengthEncoder', 'ModalityConditionalLayerNorm', 'tokens_to_grid'
 import math
 import torch, torch.nn as nn, torch.nn.functional as F
 from .patch_embed import sincos_embedding
-from .teachers import _band_vector
-from .sensors import validate_wavelengths
+from .patch_embed import resolve_wavelengths
 
 # %% ../nbs/07_maka.ipynb #f6887b9d
 class WavelengthEncoder(nn.Module):
@@ -20,7 +19,7 @@ class WavelengthEncoder(nn.Module):
         super().__init__()
         self.dim, self.proj = dim, nn.Linear(dim, dim)
     def forward(self, wavelengths):
-        w = torch.tensor(validate_wavelengths(_band_vector(wavelengths)), device=self.proj.weight.device)
+        w = torch.tensor(resolve_wavelengths(wavelengths), device=self.proj.weight.device)   # one list per batch, validated
         return self.proj(sincos_embedding(w, self.dim).to(self.proj.weight.dtype)).mean(0, keepdim=True)
 
 # %% ../nbs/07_maka.ipynb #6ba6a2e8
