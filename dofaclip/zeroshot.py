@@ -12,10 +12,12 @@ from .core import progress, autocast_for
 from .preprocess import image_encoder, input_normalization, normalize_input
 
 # %% auto #0
-__all__ = ['CLASSNAMES', 'TEMPLATES', 'MULTILABEL', 'TINY_CLIP_CONFIG', 'RECALL_KS', 'benchmark_prompts', 'create_tiny_clip',
-           'tiny_tokenizer', 'ZeroShotHead', 'class_embeddings', 'zeroshot_head', 'ZeroShotClassifier', 'top1_accuracy',
-           'macro_average_precision', 'retrieval_recall', 'cross_modal_retrieval', 'extract_features', 'score_logits',
-           'evaluate_zeroshot', 'linear_probe', 'zeroshot_report']
+__all__ = ['CLASSNAMES', 'TEMPLATES', 'MULTILABEL', 'SCENE_FOLDER_SETS', 'FOLDER_CLASSNAMES', 'PROMPT_VERSIONS',
+           'TINY_CLIP_CONFIG', 'RECALL_KS', 'benchmark_prompts', 'readable_classname', 'prompt_version',
+           'create_tiny_clip', 'tiny_tokenizer', 'ZeroShotHead', 'class_embeddings', 'zeroshot_head',
+           'ZeroShotClassifier', 'top1_accuracy', 'macro_average_precision', 'retrieval_recall',
+           'cross_modal_retrieval', 'extract_features', 'score_logits', 'evaluate_zeroshot', 'linear_probe',
+           'zeroshot_report']
 
 # %% ../nbs/11_zeroshot.ipynb #cd7715e1
 CLASSNAMES = {
@@ -24,6 +26,9 @@ CLASSNAMES = {
     'eurosat': ['annual crop land', 'forest', 'brushland or shrubland', 'highway or road',
                 'industrial buildings or commercial buildings', 'pasture land', 'permanent crop land',
                 'residential buildings or homes or apartments', 'river', 'lake or sea'],
+    # CORINE Land Cover level 1; BigEarthNet-5 labels are derived from the 43 labels (12_benchmarks, BIGEARTHNET5_FROM_43)
+    'bigearthnet-5': ['artificial surfaces', 'agricultural areas', 'forest and semi-natural areas', 'wetlands',
+                      'water bodies'],
     'bigearthnet-19': ['urban fabric', 'industrial or commercial units', 'arable land', 'permanent crops',
                        'pastures', 'complex cultivation patterns',
                        'land principally occupied by agriculture, with significant areas of natural vegetation',
@@ -63,14 +68,17 @@ _REMOTE = ['a satellite image of {}.', 'a satellite photo of {}.', 'an aerial ph
            'a remote sensing image of {}.', 'a Sentinel-2 image of {}.']
 TEMPLATES = {
     'eurosat': _SATELLITE,
-    'bigearthnet-19': _REMOTE, 'bigearthnet-43': _REMOTE, 'sen12ms': _REMOTE,
+    'eurosat-rgb': _SATELLITE,
+    'bigearthnet-5': _REMOTE, 'bigearthnet-19': _REMOTE, 'bigearthnet-43': _REMOTE, 'sen12ms': _REMOTE,
     'resisc45': ['satellite imagery of {}.', 'aerial imagery of {}.', 'satellite photo of {}.',
                  'aerial photo of {}.', 'satellite view of {}.', 'aerial view of {}.'],
     'default': ['a satellite image of {}.', 'an aerial photo of {}.', 'a remote sensing image of {}.'],
 }
+CLASSNAMES['eurosat-rgb'] = CLASSNAMES['eurosat']   # the distributed RGB JPEGs: same classes, same order
 
 # which benchmarks are multi-label (scored by macro AP) rather than multi-class (top-1)
-MULTILABEL = {'eurosat': False, 'bigearthnet-19': True, 'bigearthnet-43': True, 'sen12ms': True, 'resisc45': False}
+MULTILABEL = {'eurosat': False, 'eurosat-rgb': False, 'bigearthnet-5': True, 'bigearthnet-19': True,
+              'bigearthnet-43': True, 'sen12ms': True, 'resisc45': False}
 
 # %% ../nbs/11_zeroshot.ipynb #9ced4cce
 def benchmark_prompts(name: str) -> tuple[list[str], list[str], bool]:
@@ -80,6 +88,38 @@ def benchmark_prompts(name: str) -> tuple[list[str], list[str], bool]:
         raise ValueError(f"Unknown benchmark {name!r}; known: {sorted(CLASSNAMES)}. "
                          "For your own classes pass a list of class names and templates to `zeroshot_head`.")
     return list(CLASSNAMES[key]), list(TEMPLATES.get(key, TEMPLATES['default'])), MULTILABEL[key]
+
+# %% ../nbs/11_zeroshot.ipynb #4712a916
+import hashlib, re
+
+SCENE_FOLDER_SETS = ('ucmerced', 'aid', 'whu-rs19', 'patternnet', 'rsi-cb', 'folder')
+FOLDER_CLASSNAMES = {   # folder name -> prompt name, where no rule can split the words
+    'ucmerced': {'baseballdiamond': 'baseball diamond', 'denseresidential': 'dense residential',
+                 'golfcourse': 'golf course', 'mediumresidential': 'medium residential',
+                 'mobilehomepark': 'mobile home park', 'parkinglot': 'parking lot',
+                 'sparseresidential': 'sparse residential', 'storagetanks': 'storage tanks',
+                 'tenniscourt': 'tennis court', 'agricultural': 'agricultural land', 'buildings': 'buildings'},
+}
+_SCENE = ['a satellite image of {}.', 'an aerial image of {}.', 'a remote sensing image of {}.',
+          'a satellite photo of a {}.', 'an aerial photo of the {}.']
+for _name in SCENE_FOLDER_SETS: TEMPLATES[_name], MULTILABEL[_name] = _SCENE, False
+
+PROMPT_VERSIONS = {name: '1' for name in (*CLASSNAMES, *SCENE_FOLDER_SETS)}   # bump when a prompt set changes
+
+def readable_classname(folder: str, dataset: str | None = None) -> str:
+    "Prompt-friendly words for a class folder name: the data in FOLDER_CLASSNAMES, else split camelCase, '_' and '-'."
+    if folder in FOLDER_CLASSNAMES.get(dataset, {}): return FOLDER_CLASSNAMES[dataset][folder]
+    words = re.sub(r'(?<=[a-z0-9])(?=[A-Z])', ' ', folder)
+    return re.sub(r'[\s_\-]+', ' ', words).strip().lower()
+
+def prompt_version(name: str, classnames=None, templates=None) -> str:
+    "`name/version+hash` of a prompt set: its number in PROMPT_VERSIONS and a hash of its class names and templates."
+    key = name.lower()
+    if key not in PROMPT_VERSIONS: raise ValueError(f"No prompt set {name!r}; known: {sorted(PROMPT_VERSIONS)}")
+    classnames = CLASSNAMES.get(key, FOLDER_CLASSNAMES.get(key, {})) if classnames is None else classnames
+    templates = TEMPLATES.get(key, TEMPLATES['default']) if templates is None else templates
+    digest = hashlib.sha256(repr((list(classnames), list(templates))).encode()).hexdigest()[:8]
+    return f"{key}/{PROMPT_VERSIONS[key]}+{digest}"
 
 # %% ../nbs/11_zeroshot.ipynb #08ab2406
 TINY_CLIP_CONFIG = dict(
@@ -159,8 +199,8 @@ def top1_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
                          "with the dataset's labels.")
     return multiclass_accuracy(logits.float(), targets, num_classes=logits.shape[1], average='micro').item()
 
-def macro_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    "Multi-label macro AP over the classes that have at least one positive in `targets` (N, C) in {0, 1}."
+def macro_average_precision(scores: torch.Tensor, targets: torch.Tensor, keep_empty: bool = False) -> float:
+    "Multi-label macro AP of `targets` (N, C) in {0, 1}: over classes with a positive, or all (`keep_empty`, empty = 0)."
     scores, targets = torch.as_tensor(scores).float(), torch.as_tensor(targets)
     if scores.shape != targets.shape or scores.ndim != 2:
         raise ValueError(f"Expected scores and multi-hot targets of the same shape (N, C), got "
@@ -169,10 +209,14 @@ def macro_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> floa
     has_pos = targets.bool().any(0)
     if not has_pos.any(): raise ValueError("No class has a positive sample: macro AP is undefined.")
     if not has_pos.all():
-        warnings.warn(f"Classes {torch.where(~has_pos)[0].tolist()} have no positives; left out of the macro AP.")
-    keep = torch.where(has_pos)[0]
-    return multilabel_average_precision(scores[:, keep], targets[:, keep].long(), num_labels=len(keep),
-                                        average='macro').item()
+        what = 'scored 0 and kept in (torchmetrics convention)' if keep_empty else 'left out of'
+        warnings.warn(f"Classes {torch.where(~has_pos)[0].tolist()} have no positives; {what} the macro AP.")
+    keep = torch.arange(targets.shape[1]) if keep_empty else torch.where(has_pos)[0]
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='No positive samples')   # said above, once, in our words
+        per_class = multilabel_average_precision(scores[:, keep], targets[:, keep].long(), num_labels=len(keep),
+                                                 average='none')
+    return per_class.nan_to_num(0.0).mean().item()
 
 # %% ../nbs/11_zeroshot.ipynb #30e5019d
 RECALL_KS = (1, 5, 10, 20, 50)
@@ -240,7 +284,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 
 def linear_probe(train_features, train_targets, test_features, test_targets, multilabel: bool = False,
-                 C: float = 1.0, max_iter: int = 1000) -> dict:
+                 C: float = 1.0, max_iter: int = 1000, keep_empty: bool = False) -> dict:
     "Fit a logistic-regression probe on frozen train features; {'score', 'probe'} on the test features."
     Xtr, Xte = torch.as_tensor(train_features).float().numpy(), torch.as_tensor(test_features).float().numpy()
     ytr, yte = torch.as_tensor(train_targets).numpy(), torch.as_tensor(test_targets)
@@ -248,7 +292,7 @@ def linear_probe(train_features, train_targets, test_features, test_targets, mul
     probe = LogisticRegression(C=C, max_iter=max_iter)
     if multilabel: probe = OneVsRestClassifier(probe)
     probe.fit(Xtr, ytr)
-    if multilabel: return {'score': macro_average_precision(torch.tensor(probe.decision_function(Xte)), yte), 'probe': probe}
+    if multilabel: return {'score': macro_average_precision(torch.tensor(probe.decision_function(Xte)), yte, keep_empty), 'probe': probe}
     # score in the full class space so that classes absent from the train split still count as errors
     logits = torch.full((len(Xte), int(max(ytr.max(), yte.max())) + 1), -float('inf'))
     logits[:, torch.as_tensor(probe.classes_)] = torch.as_tensor(probe.predict_proba(Xte)).float()
