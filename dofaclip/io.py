@@ -6,14 +6,15 @@
 __all__ = ['EDGE_MODES', 'NORMALIZE_PRESETS', 'sample_path', 'atomic_write', 'Scene', 'open_scene', 'Tile', 'tile_grid',
            'read_tile', 'normalize', 'rgb_preview']
 
-# %% ../nbs/01_io.ipynb #df16b9ef
+# %% ../nbs/01_io.ipynb #24f32ef6
 import math, os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 import numpy as np
 import rasterio
-from rasterio.errors import RasterioIOError
+from rasterio.errors import RasterioIOError, RasterioError
+from rasterio._err import CPLE_BaseError   # GDAL errors rasterio raises as they are
 from rasterio.enums import MaskFlags, Resampling
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
@@ -161,10 +162,18 @@ def open_scene(path, sensor: str | None = None, bands: list | None = None, wavel
     "Open the GeoTIFF at `path` as a `Scene`; wavelengths from `wavelengths`, tags, descriptions or `sensor` (in that order)."
     return Scene(path, sensor=sensor, bands=bands, wavelengths=wavelengths, saturation=saturation)
 
-# %% ../nbs/01_io.ipynb #d6ad41eb
+# %% ../nbs/01_io.ipynb #ca9e914e
 def _as_window(window) -> Window:
     if not isinstance(window, Window): window = Window.from_slices(*window)
     return Window(round(window.col_off), round(window.row_off), round(window.width), round(window.height))
+
+def _damaged(path, win, e) -> ValueError:
+    "A read error of GDAL as one line that names the file, the window and what to do."
+    cause = e.__cause__ or e.__context__
+    why = f"{e}" + (f" ({cause})" if cause and str(cause) not in str(e) else '')
+    return ValueError(f"cannot read pixels {win.col_off},{win.row_off} +{win.width}x{win.height} of {path}: {why}. The file is "
+                      f"damaged (a corrupt or truncated tile?): check it with `gdalinfo -checksum {path}` and download or "
+                      "write it again")
 
 @patch
 def read(self: Scene, window=None, out_shape=None):
@@ -182,7 +191,8 @@ def read(self: Scene, window=None, out_shape=None):
     shape = dict(out_shape=(self.count, h, w), resampling=Resampling.nearest) if out_shape else {}
     ds = self._dataset()
     # no fill_value: rasterio would also write it over nodata pixels inside the raster, hiding them
-    raw = ds.read(window=win, boundless=not inside, **shape)
+    try: raw = ds.read(window=win, boundless=not inside, **shape)
+    except (RasterioError, CPLE_BaseError) as e: raise _damaged(self.path, win, e) from None
     valid = np.zeros((h, w), bool)  # pixels inside the raster
     valid[max(0, -r0):min(h, self.height - r0), max(0, -c0):min(w, self.width - c0)] = True
     for band, nodata in zip(raw, self.nodatavals):

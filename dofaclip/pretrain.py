@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['VECT_RECIPES', 'VECT_ADAMW', 'DEMO_RECIPE', 'teacher_specs', 'attach_translators', 'VECTStudent', 'TeacherTargets',
-           'VECTLossFunc', 'LossComponent', 'component_names', 'AtomicCheckpoint', 'resume_checkpoint', 'DDPTrainer',
-           'init_distributed', 'NoDecayOnGains', 'ClampLogitScale', 'vect_recipe', 'warmup_fraction', 'vect_learner',
-           'fit_vect', 'component_history', 'caption_retrieval', 'demo_recipe_id', 'train_demo_model']
+           'VECTLossFunc', 'component_names', 'AtomicCheckpoint', 'resume_checkpoint', 'DDPTrainer', 'init_distributed',
+           'NoDecayOnGains', 'ClampLogitScale', 'vect_recipe', 'warmup_fraction', 'vect_learner', 'fit_vect',
+           'component_history', 'caption_retrieval', 'demo_recipe_id', 'train_demo_model']
 
 # %% ../nbs/10_pretrain.ipynb #2c61a6d1
 import math, os, random, warnings
@@ -25,10 +25,11 @@ from fastai.torch_core import find_bs, default_device
 from .maka import make_translators, translator_specs
 from .core import is_quiet
 from .losses import VECTLoss
-from .teachers import Teacher, TeacherCache, _band_vector
+from .teachers import Teacher, TeacherCache
+from .patch_embed import resolve_wavelengths
 from .preprocess import UPSTREAM_INPUT_NORM, input_normalization, normalize_input
 from .io import atomic_write
-from .patching import AdamW, fit_warmup_cosine
+from .training import OPEN_CLIP_ADAMW, fit_warmup_cosine, LossComponent, grad_clip_cbs, set_precision
 from .zeroshot import top1_accuracy
 
 # %% ../nbs/10_pretrain.ipynb #e14a2943
@@ -74,7 +75,7 @@ class VECTStudent(nn.Module):
 
     def forward(self, images, tokens, wavelengths):
         trunk, caught = self.clip.visual.trunk, {}
-        wavelengths = _band_vector(wavelengths)   # fastai collates them to (B, C) identical rows
+        wavelengths = resolve_wavelengths(wavelengths)   # fastai collates them to (B, C) identical rows
         hook = trunk.norm.register_forward_hook(lambda m, i, o: caught.__setitem__('tokens', o))
         try: out = dict(self.clip(normalize_input(images, self.input_mean, self.input_std), tokens, wavelengths))
         finally: hook.remove()
@@ -116,58 +117,88 @@ class VECTLossFunc(nn.Module):
         self.last = {k: v.detach() for k, v in terms.items()}
         return terms['loss']
 
-class LossComponent(Metric):
-    "Epoch mean of one VECT loss component (from `learn.loss_func.last`)."
-    def __init__(self, key): self.key = key
-    def reset(self): self.total, self.count = 0.0, 0
-    def accumulate(self, learn):
-        bs = find_bs(learn.yb)
-        self.total += float(learn.loss_func.last[self.key]) * bs; self.count += bs
-    @property
-    def value(self): return self.total / self.count if self.count else None
-    @property
-    def name(self): return self.key
-
 def component_names(teacher_names) -> list:
     return ['contrastive'] + [f'{t}{s}' for t in teacher_names for s in ('', '_mse', '_smooth_l1', '_cosine', '_cos_sim')]
 
-# %% ../nbs/10_pretrain.ipynb #f61aad30
+# %% ../nbs/10_pretrain.ipynb #8c770d5e
+import json
+from fastcore.foundation import L
+from .core import is_quiet
+
 def _unwrap(model): return model.module if isinstance(model, DistributedDataParallel) else model
 
 def _rng_state(learn) -> dict:
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    "Every RNG state as tensors and plain data, so a checkpoint loads with `torch.load(weights_only=True)`."
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return dict(torch=torch.get_rng_state(), numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                                                      has_gauss=int(has_gauss), gauss=float(gauss)),
+                python=random.getstate(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 dls=[dl.rng.getstate() for dl in learn.dls.loaders])
 
 def _set_rng_state(learn, s):
-    torch.set_rng_state(s['torch']); np.random.set_state(s['numpy']); random.setstate(s['python'])
+    n = s['numpy']
+    torch.set_rng_state(s['torch']); random.setstate(s['python'])
+    np.random.set_state((n['kind'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
     if s['cuda'] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
     for dl, st in zip(learn.dls.loaders, s['dls']): dl.rng.setstate(st)
 
+def _plain(obj):
+    "fastai's optimizer state (fastcore `L`s inside) as lists, dicts and tensors that `weights_only` loading accepts."
+    if isinstance(obj, dict): return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, tuple): return tuple(_plain(v) for v in obj)
+    if isinstance(obj, (list, L)): return [_plain(v) for v in obj]
+    return obj
+
+def _run_identity(learn, n_epoch=None) -> dict:
+    "What makes two runs one run: total length, seed, recipe (plain data)."
+    recipe = getattr(learn, 'vect_recipe', None)
+    return dict(n_epoch=n_epoch, seed=int(torch.initial_seed()),
+                recipe=json.loads(json.dumps(recipe, default=str)) if recipe is not None else None)
+
+def _run_differences(saved: dict, now: dict) -> list:
+    return [f"{k} {saved.get(k)!r} (checkpoint) vs {now[k]!r} (now)" for k in ('n_epoch', 'seed', 'recipe')
+            if now[k] is not None and saved.get(k) is not None and saved.get(k) != now[k]]
+
+# %% ../nbs/10_pretrain.ipynb #6602de7a
 class AtomicCheckpoint(Callback):
-    "Write model + optimizer + epoch + RNG states to `path` after each epoch, atomically (`io.atomic_write`)."
+    "Write model + optimizer + epoch + RNG states + run identity to `path` after each epoch, atomically; `force=True` resumes another run's checkpoint."
     order = 90
-    def __init__(self, path, rank: int = 0): self.path, self.rank = Path(path), rank
+    def __init__(self, path, rank: int = 0, force: bool = False): self.path, self.rank, self.force = Path(path), rank, force
+    def before_fit(self):
+        self.run = _run_identity(self.learn, self.n_epoch)
+        saved = getattr(self.learn, 'resumed_run', None)     # set by resume_checkpoint, which cannot know n_epoch yet
+        if saved is not None and not (self.force or saved.get('force')) and (diff := _run_differences(saved, self.run)):
+            raise ValueError(f"checkpoint {self.path} is from another run: {'; '.join(diff)}. Train into another checkpoint "
+                             "path, or resume anyway with force=True (learn.atomic_checkpoint.force = True)")
     def before_epoch(self): self.cancelled = False
     def after_cancel_epoch(self): self.cancelled = True   # an epoch skipped on resume
     def after_epoch(self):
         if self.cancelled or self.rank != 0: return
-        state = dict(model=_unwrap(self.learn.model).state_dict(), opt=self.learn.opt.state_dict(), epoch=self.epoch,
-                     n_epoch=self.n_epoch, rng=_rng_state(self.learn))
+        state = dict(model=_unwrap(self.learn.model).state_dict(), opt=_plain(self.learn.opt.state_dict()), epoch=self.epoch,
+                     n_epoch=self.n_epoch, rng=_rng_state(self.learn), run=self.run)
         atomic_write(self.path, lambda tmp: torch.save(state, tmp))
 
-def resume_checkpoint(learn, path) -> int:
-    "Restore model, optimizer and RNG states from an `AtomicCheckpoint` file; returns the epoch to start from."
-    path = Path(path)
+# %% ../nbs/10_pretrain.ipynb #c9a51ced
+def resume_checkpoint(learn, path, force: bool = False, n_epoch: int | None = None) -> int:
+    "Restore model, optimizer and RNG states from an `AtomicCheckpoint` file (refusing another run's unless `force`); the epoch to start from."
+    path = Path(path); cb = getattr(learn, 'atomic_checkpoint', None)
+    force = force or bool(getattr(cb, 'force', False))
     if not path.is_file(): raise FileNotFoundError(f"no checkpoint at {path}; train first, or start without resuming")
-    try: state = torch.load(path, map_location='cpu', weights_only=False)
+    try: state = torch.load(path, map_location='cpu', weights_only=True)   # tensors and plain data only: no code runs
     except Exception as e:
-        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}); it is broken or truncated: "
-                         "delete it to start over") from None
+        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}); it is broken, truncated or from an older "
+                         "dofaclip: delete it to start over") from None
+    saved = {**state.get('run', {}), 'n_epoch': state.get('n_epoch')}
+    if not force and (diff := _run_differences(saved, _run_identity(learn, n_epoch))):
+        raise ValueError(f"checkpoint {path} is from another run: {'; '.join(diff)}. Train into another checkpoint path, "
+                         "or resume anyway with force=True")
     _unwrap(learn.model).load_state_dict(state['model'])   # strict: every key must match
     if learn.opt is None: learn.create_opt()
     learn.opt.load_state_dict(state['opt'])
     _set_rng_state(learn, state['rng'])
+    learn.resumed_run = {**saved, 'force': force}
+    if not is_quiet():
+        print(f"resuming from {path}: epoch {state['epoch'] + 1} of {state.get('n_epoch')} done, continuing with epoch {state['epoch'] + 2}")
     return state['epoch'] + 1
 
 # %% ../nbs/10_pretrain.ipynb #31dfd6d0
@@ -232,7 +263,7 @@ def warmup_fraction(warmup_steps: int, n_steps: int, cap: float = 0.5) -> float:
     return cap
 
 # %% ../nbs/10_pretrain.ipynb #a01ab2a8
-VECT_ADAMW = partial(AdamW, mom=0.9, sqr_mom=0.98, eps=1e-6)   # open_clip_train's AdamW: betas (0.9, 0.98), eps 1e-6
+VECT_ADAMW = OPEN_CLIP_ADAMW   # open_clip_train's AdamW: betas (0.9, 0.98), eps 1e-6
 
 def vect_learner(dls, model, teachers: dict | None = None, cache: TeacherCache | None = None, teacher_weights: dict | None = None,
                  contrastive: str | None = None, lock_text: bool = True, lr: float = 5e-4, recipe='dofaclip',
@@ -252,13 +283,13 @@ def vect_learner(dls, model, teachers: dict | None = None, cache: TeacherCache |
     student = VECTStudent(model, source, lock_text=lock_text)
     loss = VECTLossFunc(VECTLoss(weights, contrastive, rank=rank, world_size=world_size))
     callbacks = [TeacherTargets(teachers, cache), NoDecayOnGains(), ClampLogitScale()]
-    if grad_clip: callbacks.append(GradientClip(grad_clip))
+    callbacks += grad_clip_cbs(grad_clip)
     if checkpoint is not None: callbacks.append(AtomicCheckpoint(checkpoint, rank))
     if world_size > 1: callbacks.append(DDPTrainer())
     learn = Learner(dls, student, loss_func=loss, opt_func=opt_func, lr=lr, wd=wd,
                     metrics=[LossComponent(k) for k in component_names(weights)], cbs=callbacks + list(cbs or []), **kwargs)
     learn.recorder.train_metrics, learn.vect_recipe = True, recipe
-    if bf16 or (bf16 is None and (dls.device or default_device()).type == 'cuda'): learn.to_bf16()
+    set_precision(learn, bf16)
     return learn
 
 def fit_vect(learn, n_epoch: int, lr: float = 5e-4, warmup_pct: float | None = None, warmup_steps: int | None = None,

@@ -7,7 +7,7 @@ the warm-up + cosine schedule, the classification loss, per-component loss metri
 __all__ = ['AdamW', 'OPEN_CLIP_ADAMW', 'warmup_cosine', 'fit_warmup_cosine', 'classification_loss', 'LossComponent',
            'grad_clip_cbs', 'set_precision']
 
-# %% ../nbs/09a_training.ipynb #07b564de
+# %% ../nbs/09a_training.ipynb #d2896c6c
 from functools import partial
 import torch
 from fastai.learner import Metric
@@ -15,13 +15,13 @@ from fastai.optimizer import Adam
 from fastai.losses import CrossEntropyLossFlat, BCEWithLogitsLossFlat
 from fastai.callback.schedule import ParamScheduler, SchedLin, SchedCos, combine_scheds
 from fastai.callback.training import GradientClip
-from fastai.torch_core import find_bs
+from fastai.torch_core import find_bs, default_device
 
-# %% ../nbs/09a_training.ipynb #3196505f
+# %% ../nbs/09a_training.ipynb #19bea5de
 AdamW = partial(Adam, sqr_mom=0.999, eps=1e-8, decouple_wd=True)                 # torch.optim.AdamW's betas and eps
 OPEN_CLIP_ADAMW = partial(Adam, mom=0.9, sqr_mom=0.98, eps=1e-6, decouple_wd=True)   # open_clip_train's AdamW
 
-# %% ../nbs/09a_training.ipynb #d3e18f6d
+# %% ../nbs/09a_training.ipynb #0dec8f9f
 def warmup_cosine(lr: float, warmup_pct: float = 0.1):
     "Linear warm-up from 0 to `lr` over `warmup_pct` of training, then cosine decay to 0."
     if not 0 <= warmup_pct < 1: raise ValueError(f"warmup_pct must be in [0, 1), got {warmup_pct}.")
@@ -34,7 +34,7 @@ def fit_warmup_cosine(learn, n_epoch: int, lr: float | None = None, warmup_pct: 
     learn.fit(n_epoch, lr=lr, cbs=[ParamScheduler({'lr': warmup_cosine(lr, warmup_pct)})] + list(cbs or []), **kwargs)
     return learn
 
-# %% ../nbs/09a_training.ipynb #2780d908
+# %% ../nbs/09a_training.ipynb #d2d43723
 def classification_loss(multilabel: bool = False):
     "Cross-entropy for multi-class targets, BCE-with-logits for multi-hot targets."
     return BCEWithLogitsLossFlat() if multilabel else CrossEntropyLossFlat()
@@ -51,14 +51,12 @@ class LossComponent(Metric):
     @property
     def name(self): return self.key
 
-# %% ../nbs/09a_training.ipynb #b4c068cf
+# %% ../nbs/09a_training.ipynb #44c79da6
 def grad_clip_cbs(grad_clip) -> list:
     "fastai's `GradientClip` for a positive max norm; no callback for 0 or None."
     return [GradientClip(grad_clip)] if grad_clip else []
 
 def set_precision(learn, bf16: bool | None = None):
     "bf16 training when `bf16`, or (None) when the learner's data live on a CUDA device; returns `learn`."
-    if bf16 is None:
-        device = getattr(learn.dls, 'device', None)
-        bf16 = device is not None and torch.device(device).type == 'cuda'
+    if bf16 is None: bf16 = torch.device(getattr(learn.dls, 'device', None) or default_device()).type == 'cuda'
     return learn.to_bf16() if bf16 else learn

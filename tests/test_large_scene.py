@@ -47,7 +47,7 @@ def test_large_scene_is_streamed(tmp_path, monkeypatch):
     scene = open_scene(path)
     tracemalloc.start()
     try:
-        emb = embed_scene(scene, model, tile_size=TILE, batch_size=8, cache_dir=tmp_path / 'cache')
+        emb = embed_scene(scene, model, tile_size=TILE, batch_size=8, cache_dir=tmp_path / 'cache', preset='reflectance')
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
