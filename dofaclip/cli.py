@@ -291,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument('--weights', default=None, help=argparse.SUPPRESS)   # deprecated spelling of --model
     d.add_argument('--epochs', type=int, default=None, help='epochs when training the demo model')
     _common(d)
+    from dofaclip.evaluation import add_eval_parser   # stdlib-only at import time: --help stays quick
+    add_eval_parser(sub)
     return p
 
 # %% ../nbs/17_cli.ipynb #d19c3271
@@ -369,6 +371,11 @@ def main(argv=None) -> int:
     parser = build_parser()
     try: args = parser.parse_args(argv)
     except SystemExit as e: return e.code if isinstance(e.code, int) else 2   # --help, --version: 0; usage errors: 2
+    if args.command == 'eval':   # zero-shot evaluation on local datasets (dofaclip.evaluation checks its own arguments)
+        from dofaclip.core import set_quiet
+        if args.quiet: set_quiet(True)
+        from dofaclip.evaluation import run_eval_command
+        return run_eval_command(args)
     if problem := _usage_problem(args):
         parser.print_usage(sys.stderr); print(f"dofaclip: error: {problem}", file=sys.stderr)
         return 2

@@ -177,7 +177,7 @@ def cached_features(encoder, dataset, key: dict, cache_dir, batch_size: int = 64
     "(features, targets, 'cached' or 'computed'): read from the cache when `key` was encoded before, else encode and store atomically."
     import torch
     from torch.utils.data import DataLoader
-    from dofaclip.io import atomic_write
+    from dofaclip.core import atomic_write
     from dofaclip.zeroshot import extract_features
     path = feature_cache_path(cache_dir, key)
     if path.is_file():
@@ -228,7 +228,7 @@ def markdown_report(report: dict) -> str:
 
 def write_report(report: dict, out) -> tuple:
     "Write `eval.json` and `eval.md` into the folder `out` (each atomically); their paths."
-    from dofaclip.io import atomic_write
+    from dofaclip.core import atomic_write
     out = Path(out)
     md = atomic_write(out / 'eval.md', lambda tmp: Path(tmp).write_text(markdown_report(report)))
     js = atomic_write(out / 'eval.json', lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))

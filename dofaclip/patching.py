@@ -10,7 +10,7 @@ import pandas as pd
 import torch, torch.nn as nn
 from fastai.learner import Learner
 from fastai.metrics import accuracy
-from .io import atomic_write
+from .core import atomic_write
 from .core import progress
 from .training import AdamW, classification_loss, fit_warmup_cosine, grad_clip_cbs, set_precision
 from .preprocess import image_encoder

@@ -28,7 +28,7 @@ from .losses import VECTLoss
 from .teachers import Teacher, TeacherCache
 from .patch_embed import resolve_wavelengths
 from .preprocess import UPSTREAM_INPUT_NORM, input_normalization, normalize_input
-from .io import atomic_write
+from .core import atomic_write
 from .training import OPEN_CLIP_ADAMW, fit_warmup_cosine, LossComponent, grad_clip_cbs, set_precision
 from .zeroshot import top1_accuracy
 

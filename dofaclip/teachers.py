@@ -15,7 +15,7 @@ import timm
 from timm.data import resolve_data_config
 from .sensors import validate_wavelengths, rgb_bands, RGB_TOLERANCE_UM
 from .patch_embed import resolve_wavelengths
-from .io import atomic_write
+from .core import atomic_write
 from .core import autocast_for, progress
 
 # %% ../nbs/06_teachers.ipynb #c1a2be70

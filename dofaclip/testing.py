@@ -10,7 +10,7 @@ __all__ = ['CAPTIONS', 'TINY_TEACHERS', 'TINY_CLIP_NAME', 'siglip_tokenizer_fold
 import shutil, tempfile
 from pathlib import Path
 import torch
-from .io import atomic_write
+from .core import atomic_write
 from .model import MODEL_CONFIGS, create_model
 from .weights import find_weights, save_pretrained
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from .io import atomic_write
+from .core import atomic_write
 from .model import DOFACLIP, create_model, list_models, normalize_config
 from .maka import translators_from_state_dict
 

@@ -90,3 +90,18 @@ def test_rgb_only_model_on_multispectral_set(setup):
             '--cache-dir', tmp / 'cache', '--out', tmp / 'rgb_only']
     no_wavelengths = run(*args)
     assert no_wavelengths.returncode == 1 and '--bands rgb' in no_wavelengths.stderr
+
+
+def test_dofaclip_eval_command(setup):
+    "The same evaluation through the `dofaclip` console script (`dofaclip eval`), as the README shows it."
+    tmp, roots, ckpt = setup
+    exe = Path(sys.executable).parent / 'dofaclip'
+    cmd = [str(exe), 'eval', '--model', str(ckpt), '--dataset', 'eurosat', '--root', str(roots[0]), '--device', 'cpu',
+           '--out', str(tmp / 'cli_out'), '--cache-dir', str(tmp / 'cache'), '-q']
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=600)
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp / 'cli_out' / 'eval.json').read_text())
+    assert [r['dataset'] for r in report['results']] == ['eurosat'] and 'eurosat' in (tmp / 'cli_out' / 'eval.md').read_text()
+    bad = subprocess.run([str(exe), 'eval', '--model', str(ckpt), '--dataset', 'eurosat', '--root', str(tmp / 'nowhere')],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 1 and 'Traceback' not in bad.stderr and bad.stderr.count('dofaclip: error:') == 1
