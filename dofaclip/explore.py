@@ -90,6 +90,7 @@ _SAR_WORDS = re.compile(r'sentinel-?1|\bS1[ABC]_|\bSAR\b|backscatter|sigma0|gamm
 
 def product_metadata(scene) -> dict:
     "What the file says about its pixel values: dataset and band tags, band descriptions, GDAL scales/offsets, file name."
+    if hasattr(scene, 'product_metadata'): return scene.product_metadata()   # a multi-file scene (dofaclip.scenes) knows its own
     with rasterio.open(scene.path) as src:
         tags = {k.lower(): v for k, v in src.tags().items()}
         for i in range(1, src.count + 1): tags.update({k.lower(): v for k, v in src.tags(i).items() if k.lower() not in tags})
@@ -261,8 +262,10 @@ def scene_fingerprint(path, samples=64, chunk=4096) -> str:
 
 def cache_key(scene, encoder, tile_size, stride, edge, min_valid) -> str:
     "Hash of everything that changes a scene's embeddings: the file (path, size, mtime, a sample of its bytes), the model, bands, scaling, tiling."
-    p = Path(scene.path).resolve(); st = p.stat(); s = encoder.prep.scaling
-    parts = dict(file=str(p), size=st.st_size, mtime=st.st_mtime_ns, content=scene_fingerprint(p), model=encoder.fingerprint,
+    p = Path(scene.path).resolve(); s = encoder.prep.scaling
+    if hasattr(scene, 'fingerprint'): file = dict(file=str(p), content=scene.fingerprint())   # a multi-file scene hashes all its files
+    else: st = p.stat(); file = dict(file=str(p), size=st.st_size, mtime=st.st_mtime_ns, content=scene_fingerprint(p))
+    parts = dict(**file, model=encoder.fingerprint,
                  wavelengths=[round(w, 6) for w in encoder.model_wavelengths], bands=encoder.prep.bands,
                  preset=s if isinstance(s, str) else [s.low, s.high, s.db], image_size=encoder.prep.size,   # the numbers, not the name
                  mean=encoder.image_encoder.mean.tolist(), std=encoder.image_encoder.std.tolist(),

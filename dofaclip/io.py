@@ -147,8 +147,13 @@ def _saturation_value(dtype):
     dtype = np.dtype(dtype)
     return int(np.iinfo(dtype).max) if dtype.kind in 'iu' and dtype.itemsize >= 2 else None
 
-def open_scene(path, sensor: str | None = None, bands: list | None = None, wavelengths=None, saturation='auto') -> Scene:
-    "Open the GeoTIFF at `path` as a `Scene`; wavelengths from `wavelengths`, tags, descriptions or `sensor` (in that order)."
+def open_scene(path, sensor: str | None = None, bands: list | None = None, wavelengths=None, saturation='auto',
+               resolution=None, **kw) -> Scene:
+    "Open the GeoTIFF at `path` as a `Scene`; wavelengths from `wavelengths`, tags, descriptions or `sensor` (in that order). A list of band files, a SAFE folder or a STAC item JSON go to `dofaclip.scenes.open_any`."
+    p = path if isinstance(path, (str, os.PathLike)) else None
+    if p is None or resolution is not None or kw or Path(p).is_dir() or Path(p).suffix.lower() == '.json':
+        from dofaclip.scenes import open_any   # per-band files, SAFE folders, STAC items: resampled onto one grid
+        return open_any(path, sensor=sensor, bands=bands, wavelengths=wavelengths, resolution=resolution, saturation=saturation, **kw)
     return Scene(path, sensor=sensor, bands=bands, wavelengths=wavelengths, saturation=saturation)
 
 # %% ../nbs/01_io.ipynb #ca9e914e
