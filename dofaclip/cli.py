@@ -293,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(d)
     from dofaclip.evaluation import add_eval_parser   # stdlib-only at import time: --help stays quick
     add_eval_parser(sub)
+    from dofaclip.train import add_train_parser       # stdlib-only too
+    add_train_parser(sub)
     return p
 
 # %% ../nbs/17_cli.ipynb #d19c3271
@@ -371,6 +373,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     try: args = parser.parse_args(argv)
     except SystemExit as e: return e.code if isinstance(e.code, int) else 2   # --help, --version: 0; usage errors: 2
+    if args.command == 'train':   # VECT, PAINT or alignment from a config (dofaclip.train checks its own arguments)
+        from dofaclip.train import run_train_command
+        return run_train_command(args)
     if args.command == 'eval':   # zero-shot evaluation on local datasets (dofaclip.evaluation checks its own arguments)
         from dofaclip.core import set_quiet
         if args.quiet: set_quiet(True)
