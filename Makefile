@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
 QUERY ?= water
 
-.PHONY: setup browser demo test export clean-nbs
+.PHONY: setup browser demo test export clean-nbs tutorials
 
 setup: $(VENV)/.installed
 
@@ -34,4 +34,9 @@ export: setup
 	$(BIN)/nbdev-export
 
 clean-nbs: setup
+	$(BIN)/nbdev-clean
+
+# Re-execute the tutorials and save their outputs (plots, tables, maps) so they read online; then commit them.
+tutorials: setup
+	DOFACLIP_QUIET=1 $(BIN)/nbdev-test nbs/tutorials --save
 	$(BIN)/nbdev-clean

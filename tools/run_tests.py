@@ -2,14 +2,15 @@
 
 1. the exported package is in sync with the notebooks (`nbdev-export` changes nothing);
 2. the notebooks are clean (`nbdev-clean` changes nothing);
-3. every notebook runs (`nbdev-test`, one process per notebook, in parallel);
-4. `pytest tests/`: a skipped test fails the run (except a CUDA-only test on a machine without a GPU), and so does
+3. the tutorials carry their outputs (so they read online; `make tutorials` re-executes and saves them);
+4. every notebook runs (`nbdev-test`, one process per notebook, in parallel);
+5. `pytest tests/`: a skipped test fails the run (except a CUDA-only test on a machine without a GPU), and so does
    a run that collects no tests.
 
 Ends with one line `N passed, N failed` over checks, notebooks and pytest tests.
 Extra flags for nbdev-test (e.g. `slow cuda`) come from the environment variable TEST_FLAGS.
 """
-import hashlib, os, subprocess, sys, time, xml.etree.ElementTree as ET
+import hashlib, json, os, subprocess, sys, time, xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,6 +49,18 @@ def run_notebook(nb):
     return nb, res.returncode == 0, time.time() - start, res.stdout + res.stderr
 
 
+def tutorial_outputs_missing(nb_path) -> str:
+    "Why a tutorial does not read well online (too few cells with outputs, no picture), or '' when it does."
+    nb = json.loads(nb_path.read_text())
+    code = [c for c in nb['cells'] if c['cell_type'] == 'code']
+    with_out = sum(bool(c.get('outputs')) for c in code)
+    images = sum(k.startswith('image/') for c in code for o in c.get('outputs', []) for k in o.get('data', {}))
+    images += sum(bool(c.get('attachments')) for c in nb['cells'])
+    if with_out < len(code) / 2: return f'only {with_out} of {len(code)} code cells carry outputs'
+    if not images: return 'no plot, map or picture among its outputs'
+    return ''
+
+
 def main():
     passed, failed = 0, []
 
@@ -63,6 +76,10 @@ def main():
     changed = unchanged_after([str(BIN / 'nbdev-clean')], notebooks)
     check('notebooks clean (nbdev-clean)', not changed,
           '  changed by nbdev-clean: ' + ', '.join(changed) + '\n  run `make clean-nbs` and commit')
+
+    for nb in sorted((ROOT / 'nbs' / 'tutorials').glob('*.ipynb')):
+        why = tutorial_outputs_missing(nb)
+        check(f'tutorial {nb.name} carries its outputs', not why, f'  {why}: run `make tutorials` and commit')
 
     workers = int(os.environ.get('TEST_WORKERS', os.cpu_count() or 1))
     # the longest notebooks first so the parallel run ends sooner
