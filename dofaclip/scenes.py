@@ -19,7 +19,7 @@ from rasterio.transform import from_origin
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window, from_bounds
 import rasterio.windows
-from .io import Scene, _as_window, _damaged, _saturation_value, _tag_wavelengths
+from .io import Scene, as_window, checked_window, read_error, saturation_value, tag_wavelengths
 from .sensors import get_sensor, validate_wavelengths, wavelengths_from_descriptions
 
 # %% ../nbs/01b_scenes.ipynb #fb26db71
@@ -37,7 +37,7 @@ def _band_info(path, src, sensor, name, wavelength):
     code_ = band_code_from_name(path, sensor) if sensor is not None else None
     name = name or code_ or desc or Path(path).stem
     if wavelength is not None: return name, float(wavelength), 'explicit'
-    tagged = _tag_wavelengths(src)
+    tagged = tag_wavelengths(src)
     if tagged is not None: return name, tagged[0], 'tags'
     for label, src_name in ((name, 'bands'), (desc, 'descriptions'), (code_, 'file name')):
         if label is None: continue
@@ -112,7 +112,7 @@ class StackScene(Scene):
         self.product = product or {}
         self._gdal_scales = [(i['scale'], i['offset']) for i in infos]
         self.saturation = saturation
-        self._saturations = [_saturation_value(d) if saturation == 'auto' else saturation for d in self.band_dtypes]
+        self._saturations = [saturation_value(d) if saturation == 'auto' else saturation for d in self.band_dtypes]
         self._has_mask = False
         self.bounds_4326 = tuple(transform_bounds(self.crs, 'EPSG:4326', *self.bounds, densify_pts=21))
         self._ds, self._pid, self._dss = None, None, None
@@ -134,11 +134,8 @@ class StackScene(Scene):
 # %% ../nbs/01b_scenes.ipynb #7a63ccdf
 def _stack_read(self: StackScene, window=None, out_shape=None):
     "Read `window` of the common grid (default: all), to `out_shape` (h, w) if given: float32 pixels (C, H, W) (scales/offsets applied), invalid 0, and valid (H, W)."
-    win = Window(0, 0, self.width, self.height) if window is None else _as_window(window)
-    if win.width <= 0 or win.height <= 0: raise ValueError(f"empty window {win}: width and height must be positive")
-    c0, r0, c1, r1 = win.col_off, win.row_off, win.col_off + win.width, win.row_off + win.height
-    if c1 <= 0 or r1 <= 0 or c0 >= self.width or r0 >= self.height:
-        raise ValueError(f"window {win} lies outside {self.path.name} ({self.width} x {self.height} px): pass a window that overlaps it")
+    win = checked_window(window, self.width, self.height, self.path.name)
+    c0, r0 = win.col_off, win.row_off
     h, w = out_shape or (win.height, win.width)
     bounds = rasterio.windows.bounds(win, self.transform)
     pixels = np.zeros((self.count, h, w), np.float32)
@@ -149,7 +146,7 @@ def _stack_read(self: StackScene, window=None, out_shape=None):
         src_win = from_bounds(*bounds, transform=ds.transform)
         try: raw = ds.read(1, window=src_win, out_shape=(h, w), boundless=True, resampling=self.resampling,
                            fill_value=ds.nodata if ds.nodata is not None else 0)
-        except (RasterioError, CPLE_BaseError) as e: raise _damaged(self.paths[b], win, e) from None
+        except (RasterioError, CPLE_BaseError) as e: raise read_error(self.paths[b], win, e) from None
         nodata, sat = self.nodatavals[b], self._saturations[b]
         if nodata is not None and not np.isnan(nodata): valid &= raw != nodata
         if sat is not None: valid &= raw < sat
@@ -189,7 +186,7 @@ def split_bands(path, folder, names=None, factors=None, pattern='{name}.tif', dr
     "Write each band of raster `path` to `folder/pattern` (one file per band, tags and description kept), band i decimated by `factors[i]` (averaged); the paths."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True); out = []
     with rasterio.open(path) as src:
-        win = Window(0, 0, src.width, src.height) if crop is None else _as_window(crop)
+        win = Window(0, 0, src.width, src.height) if crop is None else as_window(crop)
         names = names or [d or f'band{i + 1}' for i, d in enumerate(src.descriptions)]
         for i, name in enumerate(names):
             f = (factors or [1] * src.count)[i]

@@ -453,6 +453,12 @@ def _distributed_cbs(rank: int, world_size: int) -> list:
             if self.training: self.learn.xb, self.learn.yb = self._take(self.xb), self._take(self.yb)
     return [TakeRankSlice(), DDPTrainer(), gather_metrics_cb()]
 
+def _fit_logged(learn, cfg: dict, rank: int, world_size: int, warmup_default: float):
+    "Log throughput gathered over ranks, quiet the other ranks, and fit (resuming when a checkpoint allows it)."
+    learn.metrics.append(_fastai_logging()(world_size)); learn.recorder.train_metrics = True
+    _quiet_rank(learn, cfg, rank)
+    _fit_resumable(learn, cfg, rank, warmup_default=warmup_default)
+
 def train_paint(cfg: dict, rank: int = 0, world_size: int = 1, device=None) -> dict:
     "PAINT from a config: fine-tune the CLIP image tower on the patching task, sweep alphas on both tasks, save the patched model."
     import copy, json
@@ -477,9 +483,7 @@ def train_paint(cfg: dict, rank: int = 0, world_size: int = 1, device=None) -> d
                              lr=cfg['optim.lr'], wd=0.1 if cfg['optim.wd'] is None else cfg['optim.wd'],
                              grad_clip=1.0 if cfg['optim.grad_clip'] is None else cfg['optim.grad_clip'], bf16=_precision(cfg),
                              cbs=log_callbacks(cfg, rank) + _stop_after(cfg) + _distributed_cbs(rank, world_size))
-    learn.metrics.append(_fastai_logging()(world_size)); learn.recorder.train_metrics = True
-    _quiet_rank(learn, cfg, rank)
-    _fit_resumable(learn, cfg, rank, warmup_default=0.1)
+    _fit_logged(learn, cfg, rank, world_size, warmup_default=0.1)
     if not _finished(learn) or rank != 0: return dict(finished=_finished(learn))
     alphas = tuple(float(a) for a in cfg['paint.alphas'].split(','))
     with _quiet_unless(cfg['log.progress']): table = patching_sweep(zs_visual, ft_visual, tasks, alphas)
@@ -512,9 +516,7 @@ def train_align(cfg: dict, rank: int = 0, world_size: int = 1, device=None) -> d
                               wd=0.01 if cfg['optim.wd'] is None else cfg['optim.wd'], task_weight=cfg['align.task_weight'],
                               grad_clip=1.0 if cfg['optim.grad_clip'] is None else cfg['optim.grad_clip'], bf16=_precision(cfg),
                               cbs=log_callbacks(cfg, rank) + _stop_after(cfg) + _distributed_cbs(rank, world_size))
-    learn.metrics.append(_fastai_logging()(world_size)); learn.recorder.train_metrics = True
-    _quiet_rank(learn, cfg, rank)
-    _fit_resumable(learn, cfg, rank, warmup_default=0.1)
+    _fit_logged(learn, cfg, rank, world_size, warmup_default=0.1)
     if not _finished(learn) or rank != 0: return dict(finished=_finished(learn))
     with _quiet_unless(cfg['log.progress']):
         report = alignment_report(student, clip.visual, head, TorchDataLoader(views['val'], batch_size=cfg['data.batch_size']), multilabel=multi)
