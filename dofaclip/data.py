@@ -17,7 +17,7 @@ from fastai.data.load import DataLoader as FastaiDataLoader
 from fastai.data.core import DataLoaders
 from .sensors import validate_wavelengths, wavelengths as sensor_wavelengths
 from .io import open_scene, tile_grid, read_tile, sample_path
-from .preprocess import UPSTREAM_INPUT_NORM, input_normalization, normalize_input, resize_images
+from .preprocess import resize_images
 
 # %% ../nbs/09_data.ipynb #5444235e
 MODALITY_RANGES = {

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port
 from PIL import Image
 
 from dofaclip.io import sample_path
@@ -116,9 +117,6 @@ def write_notebook(folder: Path) -> Path:
     path = folder / 'map.ipynb'; path.write_text(json.dumps(nb)); return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 
 class Server:

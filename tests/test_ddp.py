@@ -1,10 +1,11 @@
 """DDP on CPU (gloo, 2 processes): a few VECT steps give the same weights as one process on the same global batches,
 for the CLIP-style model (open_clip ClipLoss, features gathered across ranks) and the SigLIP one (SigLipLoss, text
 features passed round the ranks by its neighbour exchange)."""
-import csv, os, random, socket, zlib
+import csv, os, random, zlib
 from pathlib import Path
 import numpy as np
 import pytest
+from conftest import free_port
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -69,9 +70,6 @@ def _worker(rank, manifest, port, out):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 
 @pytest.fixture(scope='module')
@@ -80,7 +78,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('ddp')
     manifest = _subset_manifest(tmp)
     out = tmp / 'ddp_state.pt'
-    mp.spawn(_worker, args=(str(manifest), _free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(manifest), free_port(), str(out)), nprocs=WORLD, join=True)
     return torch.load(out), {name: _train(manifest, name, 0, 1, PER_RANK_BS * WORLD) for name in MODELS}
 
 

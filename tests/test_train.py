@@ -2,9 +2,10 @@
 `--set` overrides are type-checked and an unknown key is a one-line error (exit 2); a kill (schedule.stop_after) and a
 rerun give the same weights as an uninterrupted run; a 2-process torchrun (gloo) run of each recipe matches one process over the same
 global batches, and only rank 0 logs and writes."""
-import json, os, socket, subprocess, sys
+import json, os, subprocess, sys
 from pathlib import Path
 import pytest
+from conftest import free_port
 import torch
 from safetensors.torch import load_file
 
@@ -35,9 +36,6 @@ def history(folder: Path):
     return pd.read_csv(folder / 'history.csv')
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 
 @pytest.fixture(scope='module')
