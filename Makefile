@@ -36,7 +36,9 @@ export: setup
 clean-nbs: setup
 	$(BIN)/nbdev-clean
 
-# Re-execute the tutorials and save their outputs (plots, tables, maps) so they read online; then commit them.
+# Re-execute the tutorials and save their outputs (plots, tables, maps) so they read online, record in each one the
+# fingerprint of its code and of the dofaclip modules it imports (`make test` fails on a stale tutorial); then commit them.
 tutorials: setup
 	DOFACLIP_QUIET=1 $(BIN)/nbdev-test nbs/tutorials --save
+	$(PY) tools/run_tests.py --stamp-tutorials
 	$(BIN)/nbdev-clean

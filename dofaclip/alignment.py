@@ -17,9 +17,9 @@ from .weights import LoadReport, CheckpointError, read_state_dict, check_state_d
 from .backbone import create_backbone, list_backbones
 
 # %% auto #0
-__all__ = ['ENCODER_PREFIXES', 'HEAD_PREFIXES', 'ALIGNMENT_DEFAULTS', 'MultispectralStudent', 'load_student_checkpoint',
-           'create_student', 'teacher_encoder', 'AlignmentLoss', 'alignment_dls', 'alignment_learner',
-           'paired_features', 'embedding_gap', 'alignment_report']
+__all__ = ['ENCODER_PREFIXES', 'HEAD_PREFIXES', 'UPSTREAM_STUDENT', 'STUDENT_DROP_PATH', 'ALIGNMENT_DEFAULTS',
+           'MultispectralStudent', 'load_student_checkpoint', 'create_student', 'teacher_encoder', 'AlignmentLoss',
+           'alignment_dls', 'alignment_learner', 'paired_features', 'embedding_gap', 'alignment_report']
 
 # %% ../nbs/14_alignment.ipynb #58d933b4
 class MultispectralStudent(nn.Module):
@@ -82,10 +82,15 @@ def load_student_checkpoint(backbone: nn.Module, checkpoint) -> LoadReport:
     return report
 
 # %% ../nbs/14_alignment.ipynb #02291c20
-def create_student(out_dim: int, model_name: str = 'vit_small_patch16_224', in_chans: int | None = None,
+UPSTREAM_STUDENT = 'vit_small_patch16_224'
+STUDENT_DROP_PATH = 0.2   # stochastic depth of upstream's ViT-S/16 student (conf/models/vit-s-16.json, timm_drop_path)
+
+def create_student(out_dim: int, model_name: str = UPSTREAM_STUDENT, in_chans: int | None = None,
                    img_size: int = 224, checkpoint=None, allow_random: bool = False, wavelengths=None,
-                   **model_kwargs) -> MultispectralStudent:
-    "A multispectral student projected to the teacher's width `out_dim`: timm `model_name` (13 bands) or a DOFA backbone."
+                   drop_path_rate: float | None = None, **model_kwargs) -> MultispectralStudent:
+    "A multispectral student projected to the teacher's width `out_dim`: timm `model_name` (13 bands) or a DOFA backbone; `drop_path_rate` None: 0.2 for upstream's ViT-S/16, else 0."
+    if drop_path_rate is None: drop_path_rate = STUDENT_DROP_PATH if model_name == UPSTREAM_STUDENT else 0.0
+    model_kwargs['drop_path_rate'] = drop_path_rate
     if {'pretrained', 'pretrained_cfg_overlay'} & set(model_kwargs):
         raise ValueError("create_student loads its starting weights itself: pass checkpoint='path/to/weights.pth' "
                          "instead of timm's pretrained= / pretrained_cfg_overlay=.")
@@ -137,7 +142,8 @@ class AlignmentLoss(nn.Module):
         return mse + self.task_weight * task
 
 # %% ../nbs/14_alignment.ipynb #09030287
-ALIGNMENT_DEFAULTS = dict(lr=1e-4, wd=0.01, batch_size=256, epochs=5, task_weight=0.05, warmup_pct=0.1)
+ALIGNMENT_DEFAULTS = dict(lr=1e-4, wd=0.01, batch_size=256, epochs=5, task_weight=0.05, warmup_pct=0.1,
+                          warmup_steps=2000, drop_path_rate=STUDENT_DROP_PATH)   # conf/tasks/align.json: 2000 warm-up steps
 
 def alignment_dls(train_ds, valid_ds, bs: int = 256, **kwargs) -> DataLoaders:
     "fastai DataLoaders of (ms, rgb, label) datasets with one model input (`n_inp = 1`): ms -> student, the rest -> loss."

@@ -6,7 +6,8 @@
 __all__ = ['TIMM_TWINS', 'PRESETS', 'synchronize', 'time_call', 'count_flops', 'measure_peak_flops', 'peak_memory_gb',
            'bench_row', 'timm_twin', 'vision_fn', 'projection_fn', 'paper_teachers', 'BatchTimes',
            'write_synthetic_manifest', 'random_tokenizer', 'vect_train_row', 'write_synthetic_scene', 'explore_rows',
-           'run_suite', 'format_row', 'markdown_table', 'save_results', 'main']
+           'stack_rows', 'search_rows', 'shard_rows', 'run_suite', 'format_row', 'markdown_table', 'save_results',
+           'main']
 
 # %% ../nbs/18_bench.ipynb #1affe92b
 import argparse, json, math, platform, statistics, time
@@ -235,12 +236,95 @@ def explore_rows(model_name: str, scene_size: int, query_tiles: int, device, pea
                           unit='queries/s', warmup=2, iters=iters, tiles=len(tiles)))
     return rows
 
+# %% ../nbs/18_bench.ipynb #2528598c
+def stack_rows(model_name: str, size: int, tile: int, device, batch: int = 16, work_dir=None) -> list:
+    "Tiles/s embedding 3 per-band files (one at twice the pixel size, resampled on the fly) vs the same bands as one stacked GeoTIFF, back to back."
+    import tempfile
+    from dofaclip.model import create_model
+    from dofaclip.io import open_scene
+    from dofaclip.scenes import split_bands
+    from dofaclip.explore import embed_scene
+    work = Path(work_dir or tempfile.mkdtemp(prefix='dofaclip-bench-')); work.mkdir(parents=True, exist_ok=True)
+    stacked = write_synthetic_scene(work / f'stacked_{size}.tif', size)
+    files = split_bands(stacked, work / 'bands', names=['b1', 'b2', 'b3'], factors=[1, 2, 1])
+    torch.manual_seed(0); model = create_model(model_name).to(device).eval().requires_grad_(False)
+    def run(src, cache):
+        start = time.perf_counter()
+        emb = embed_scene(open_scene(src), model, tile_size=tile, preset='reflectance', batch_size=batch, cache_dir=work / cache, device=device)
+        return emb.stats['tiles_embedded'], time.perf_counter() - start
+    run(stacked, 'warm-up')                                   # imports, allocator, page cache
+    rows = []
+    for name, src in (('one stacked GeoTIFF', stacked), ('3 per-band files, one at 2x pixel size', files)):
+        n, s = run(src, name.split()[0])
+        rows.append(dict(config=f'stack {model_name}: embed {size}x{size} px as {name} (tiles {tile} px)', batch=batch,
+                         throughput=n / s, unit='tiles/s', median_ms=s * 1e3, peak_mem_gb=peak_memory_gb(device),
+                         gflops_per_sample=None, mfu=None, tiles=n))
+    rows[1]['ratio'] = rows[1]['throughput'] / rows[0]['throughput']
+    rows[1]['config'] += f" = {rows[1]['ratio']:.2f}x the stacked file's tiles/s"
+    return rows
+
+def search_rows(n: int, dim: int, n_queries: int = 20, codec: str = 'Flat', nlist=None, nprobe=None, k: int = 10,
+                dtype='float32', seed: int = 0) -> list:
+    "Per-query latency and memory of exact search vs a FAISS IVF index over `n` synthetic `dim`-dim embeddings, with FAISS's recall@k."
+    from dofaclip.search import synthetic_embeddings, ExactIndex, FaissIndex, recall_at_k
+    vectors = synthetic_embeddings(n, dim, seed=seed, dtype=np.dtype(dtype))
+    rng = np.random.default_rng(seed + 1)
+    q = vectors[rng.choice(n, n_queries, replace=False)].astype(np.float32) + 0.05 * rng.standard_normal((n_queries, dim), dtype=np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    def per_query(index):
+        times, ids = [], []
+        for x in q:
+            start = time.perf_counter(); ids.append(index.search(x[None], k)[1][0]); times.append(time.perf_counter() - start)
+        return statistics.median(times), np.array(ids)
+    exact = ExactIndex(vectors)
+    t_exact, truth = per_query(exact)
+    start = time.perf_counter(); ivf = FaissIndex(vectors, nlist=nlist, nprobe=nprobe, codec=codec); build = time.perf_counter() - start
+    t_ivf, found = per_query(ivf)
+    code_bytes = {'Flat': 4 * dim, 'SQfp16': 2 * dim}.get(codec) or int(codec[2:])   # PQm: m bytes a vector
+    r = recall_at_k(truth, found, k)
+    return [dict(config=f'search exact over {n:,} x {dim} {dtype} (one matrix product)', batch=1, throughput=1 / t_exact,
+                 unit='queries/s', median_ms=t_exact * 1e3, peak_mem_gb=vectors.nbytes / 2**30, gflops_per_sample=2 * n * dim / 1e9, mfu=None),
+            dict(config=f'search FAISS IVF{ivf.nlist},{codec} nprobe {ivf.nprobe} over {n:,} x {dim} ({"GPU" if ivf.gpu else "CPU"}, '
+                        f'built in {build:.0f} s): recall@{k} {r:.3f}', batch=1, throughput=1 / t_ivf, unit='queries/s',
+                 median_ms=t_ivf * 1e3, peak_mem_gb=(n * (code_bytes + 8) + ivf.nlist * dim * 4) / 2**30,
+                 gflops_per_sample=None, mfu=None, recall=r, build_s=build)]
+
+# %% ../nbs/18_bench.ipynb #35940327
+import os
+def shard_rows(n_scenes: int, size: int, tile: int, work_dir=None) -> list:
+    "Wall-clock of `dofaclip embed` over `n_scenes` synthetic scenes: one process, then two (RANK/WORLD_SIZE, as torchrun starts them), fresh caches."
+    import subprocess, sys, tempfile
+    from dofaclip.testing import tiny_checkpoint
+    work = Path(work_dir or tempfile.mkdtemp(prefix='dofaclip-bench-')); work.mkdir(parents=True, exist_ok=True)
+    scenes = [str(write_synthetic_scene(work / f'scene{i}.tif', size, seed=i)) for i in range(n_scenes)]
+    ckpt = tiny_checkpoint(work / 'model', name='dofaclip-tiny')   # one checkpoint: every process loads the same weights
+    cli = [sys.executable, '-c', 'import sys; from dofaclip.cli import main; sys.exit(main(sys.argv[1:]))']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    def run(world):
+        cmd = [*cli, 'embed', *scenes, '--model', str(ckpt), '--out', str(work / f'store{world}'), '--tile-size', str(tile),
+               '--preset', 'reflectance', '--device', 'cpu', '--cache-dir', str(work / f'cache{world}'), '-q']
+        start = time.perf_counter()
+        procs = [subprocess.Popen(cmd, env={**env, 'RANK': str(r), 'WORLD_SIZE': str(world)}, stderr=subprocess.PIPE) for r in range(world)]
+        for p in procs:
+            if p.wait() != 0: raise RuntimeError(f"dofaclip embed failed: {p.stderr.read().decode()[-500:]}")
+        return time.perf_counter() - start
+    t1, t2 = run(1), run(2)
+    tiles = n_scenes * math.ceil(size / tile) ** 2
+    return [dict(config=f'shard: embed {n_scenes} scenes of {size} px, {w} process(es) (OMP_NUM_THREADS=1 each, start-up included)'
+                 + ('' if w == 1 else f': {t / t1:.2f}x the 1-process wall-clock'), batch=1, throughput=tiles / t, unit='tiles/s',
+                 median_ms=t * 1e3, peak_mem_gb=None, gflops_per_sample=None, mfu=None, ratio=t / t1) for w, t in ((1, t1), (2, t2))]
+
 # %% ../nbs/18_bench.ipynb #85164a62
 PRESETS = {
     'tiny': dict(dtype='float32', vision=[('dofa_tiny', b, 8) for b in (None, 3, 4, 13, 202)], compile=[],
                  projection=[('dofa_tiny', b, 8) for b in (3, 202)],
                  vect=[('dofaclip-tiny-siglip', 'tiny', 8, False), ('dofaclip-tiny-siglip', 'tiny', 8, True)],
-                 explore=[('dofaclip-tiny', 512, 10_000, 16, 0)], warmup=1, iters=3),
+                 explore=[('dofaclip-tiny', 512, 10_000, 16, 0)], stack=[('dofaclip-tiny', 256, 64)],
+                 search=[(20_000, 768, 'Flat', 'float32')], warmup=1, iters=3,
+                 shard=[]),   # two interpreters and models starting cost ~20 s here: `--only shard` with the gpu preset's sizes
+    'cpu': dict(dtype='float32', vision=[], compile=[], projection=[], vect=[], explore=[],   # issue 11's questions at CPU sizes
+                stack=[('dofaclip-tiny', 1024, 64)], search=[(1_000_000, 768, 'Flat', 'float32')], shard=[(4, 512, 64)],
+                warmup=1, iters=3),
     'gpu': dict(dtype='bfloat16',
                 vision=[('dofa_siglip_so400m_patch14_384', b, 128) for b in (None, 3, 9, 13, 202)]
                      + [('dofa_siglip_base_patch16_224', b, 256) for b in (None, 3, 13)],
@@ -249,7 +333,9 @@ PRESETS = {
                 projection=[('dofa_siglip_so400m_patch14_384', b, 128) for b in (3, 13, 202)],
                 vect=[('dofaclip-so400m-384', 'paper', 32, False), ('dofaclip-so400m-384', 'paper', 32, True),
                       ('dofaclip-base-224', 'paper', 128, False), ('dofaclip-base-224', 'paper', 128, True)],
-                explore=[('dofaclip-base-224', 10_240, 100_000, 128, 8)], warmup=3, iters=10),
+                explore=[('dofaclip-base-224', 10_240, 100_000, 128, 8)], stack=[('dofaclip-base-224', 4096, 224)],
+                search=[(1_000_000, 768, 'Flat', 'float32'), (10_000_000, 768, 'PQ96', 'float16')], shard=[(8, 2048, 224)],
+                warmup=3, iters=10),
 }
 
 def run_suite(preset: str = 'tiny', device=None, peak_tflops: float | None = None, only: list | None = None, log=print) -> dict:
@@ -290,6 +376,9 @@ def run_suite(preset: str = 'tiny', device=None, peak_tflops: float | None = Non
         for model_name, size, n_query, batch, workers in p['explore']:
             for row in explore_rows(model_name, size, n_query, device, peak, batch=batch, workers=workers, iters=p['iters']):
                 add(row)
+    for model_name, size, tile in (p['stack'] if want('stack') else []): [add(r) for r in stack_rows(model_name, size, tile, device)]
+    for n, dim, codec, dt in (p['search'] if want('search') else []): [add(r) for r in search_rows(n, dim, codec=codec, dtype=dt)]
+    for n_scenes, size, tile in (p['shard'] if want('shard') else []): [add(r) for r in shard_rows(n_scenes, size, tile)]
     return dict(meta=meta, rows=rows)
 
 def format_row(row: dict) -> str:
@@ -321,7 +410,7 @@ def main(argv=None):
     ap.add_argument('--out', default='bench_out')
     ap.add_argument('--device', default=None)
     ap.add_argument('--peak-tflops', type=float, default=None, help='peak for MFU (default: measured bf16/fp32 matmul)')
-    ap.add_argument('--only', nargs='*', default=None, help='sections: vision compile projection vect explore')
+    ap.add_argument('--only', nargs='*', default=None, help='sections: vision compile projection vect explore stack search shard')
     args = ap.parse_args(argv)
     result = run_suite(args.preset, args.device, args.peak_tflops, args.only)
     js, md = save_results(result, args.out)

@@ -13,17 +13,19 @@ from torch.utils.data import Dataset
 import open_clip
 from .sensors import wavelengths as sensor_wavelengths
 from .preprocess import resize_images
+from .scaling import SCALINGS
 
 # %% auto #0
 __all__ = ['S2_BANDS', 'EUROSAT_BANDS', 'BIGEARTHNET_S2_BANDS', 'BIGEARTHNET_S1_BANDS', 'RGB_BANDS', 'RGB_DIVISOR', 'VIEWS',
-           'EUROSAT_CLASSES', 'BIGEARTHNET5_FROM_43', 'IGBP_TO_SIMPLE', 'SEN12MS_SEASONS', 'IMAGE_EXTENSIONS',
-           'EUROSAT_RGB_FOLDERS', 'rgb_composite', 'ms_view', 'clip_transform', 'S2Views', 'PairedViews',
-           'write_eurosat_fixture', 'eurosat', 'write_bigearthnet_fixture', 'bigearthnet', 'igbp_multilabel',
+           'EUROSAT_CLASSES', 'BIGEARTHNET5_FROM_43', 'IGBP_TO_SIMPLE', 'SEN12MS_SEASONS', 'SEN12MS_LABEL_SETS',
+           'IMAGE_EXTENSIONS', 'EUROSAT_RGB_FOLDERS', 'NeedsTorchgeo', 'rgb_composite', 'ms_view', 'clip_transform',
+           'S2Views', 'PairedViews', 'write_fixture_tif', 'write_eurosat_fixture', 'require_root', 'open_torchgeo',
+           'eurosat', 'write_bigearthnet_fixture', 'GroupedLabels', 'bigearthnet', 'igbp_multilabel',
            'write_sen12ms_fixture', 'sen12ms', 'ImageFolderSet', 'write_image_folder_fixture',
            'write_eurosat_rgb_fixture', 'eurosat_rgb', 'write_resisc45_fixture', 'resisc45']
 
 # %% ../nbs/12_benchmarks.ipynb #dd04bd96
-class _NeedsTorchgeo:
+class NeedsTorchgeo:
     "Stands in for a torchgeo dataset class when torchgeo is missing: any use raises an ImportError naming the extra."
     def __init__(self, name): self._name = name
     def _fail(self, *args, **kwargs):
@@ -38,7 +40,7 @@ try:
     from torchgeo.datasets import EuroSAT, BigEarthNet, SEN12MS
     from torchgeo.datasets.errors import DatasetNotFoundError
 except ImportError:
-    EuroSAT, BigEarthNet, SEN12MS = (_NeedsTorchgeo(n) for n in ('EuroSAT', 'BigEarthNet', 'SEN12MS'))
+    EuroSAT, BigEarthNet, SEN12MS = (NeedsTorchgeo(n) for n in ('EuroSAT', 'BigEarthNet', 'SEN12MS'))
     class DatasetNotFoundError(Exception): pass
 
 # %% ../nbs/12_benchmarks.ipynb #e8ec4c08
@@ -60,18 +62,19 @@ def _check_bands(image: torch.Tensor, band_names: Sequence[str]):
                          f"({list(band_names)}): pass the band names in the image's order.")
 
 # %% ../nbs/12_benchmarks.ipynb #4ba0f334
-def rgb_composite(image: torch.Tensor, band_names: Sequence[str], level: str) -> torch.Tensor:
+def rgb_composite(image: torch.Tensor, band_names: Sequence[str], level: str, uint8: bool = True) -> torch.Tensor:
     "(..., 3, H, W) true-colour composite B4-B3-B2 in [0, 255] of Sentinel-2 digital numbers (`level` 'l1c' or 'l2a')."
     if level.lower() not in RGB_DIVISOR:
         raise ValueError(f"level must be 'l1c' or 'l2a' (processing level of the Sentinel-2 data), got {level!r}.")
     _check_bands(image, band_names)
     rgb = image[..., _band_index(band_names, RGB_BANDS), :, :].float()
-    return (rgb * 255 / RGB_DIVISOR[level.lower()]).clamp(0, 255)
+    rgb = (rgb * 255 / RGB_DIVISOR[level.lower()]).clamp(0, 255)
+    return rgb.floor() if uint8 else rgb   # upstream casts to uint8 (`.to(torch.uint8)` truncates) before ToPILImage
 
 def ms_view(image: torch.Tensor, band_names: Sequence[str] | None = None, to_bands: Sequence[str] | None = None,
             zero_fill: Sequence[str] = ('B10',)) -> torch.Tensor:
     "Reflectance view `x / 10000` clamped to [0, 1]; optionally reordered `to_bands`, zero-filling `zero_fill` bands."
-    x = (image.float() / 10000).clamp(0, 1)
+    x = SCALINGS['reflectance'](image.float())   # x / 10^4 clamped to [0, 1] (dofaclip.scaling)
     if to_bands is None: return x
     if band_names is None: raise ValueError("Pass band_names (the image's band order) to reorder to to_bands.")
     _check_bands(image, band_names)
@@ -158,7 +161,7 @@ from rasterio.transform import from_origin
 EUROSAT_CLASSES = ('AnnualCrop', 'Forest', 'HerbaceousVegetation', 'Highway', 'Industrial', 'Pasture',
                    'PermanentCrop', 'Residential', 'River', 'SeaLake')
 
-def _write_tif(path: Path, array: np.ndarray, crs='EPSG:32632', res=10.0):
+def write_fixture_tif(path: Path, array: np.ndarray, crs='EPSG:32632', res=10.0):
     path.parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(path, 'w', driver='GTiff', height=array.shape[1], width=array.shape[2], count=array.shape[0],
                        dtype=array.dtype, crs=crs, transform=from_origin(500000, 5000000, res, res)) as dst:
@@ -173,19 +176,19 @@ def write_eurosat_fixture(root, n_per_class: int = 3, size: int = 16, seed: int 
         for n in range(1, n_per_class + 1):
             patch_gain = rng.uniform(0.6, 1.4, (13, 1, 1))  # each patch its own variant of the class spectrum
             pixels = signatures[c][:, None, None] * patch_gain * rng.uniform(0.9, 1.1, (13, size, size))
-            _write_tif(root / EuroSAT.base_dir / name / f'{name}_{n}.tif', pixels.astype('uint16'))
+            write_fixture_tif(root / EuroSAT.base_dir / name / f'{name}_{n}.tif', pixels.astype('uint16'))
             splits[('train', 'val', 'test')[(n - 1) % 3]].append(f'{name}_{n}.jpg')
     for split, names in splits.items(): (root / EuroSAT.split_filenames[split]).write_text('\n'.join(names) + '\n')
     return root
 
 # %% ../nbs/12_benchmarks.ipynb #758bfb1f
-def _require_root(root, name: str, hint: str) -> Path:
+def require_root(root, name: str, hint: str) -> Path:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{name} root {str(root)!r} does not exist. {hint}")
     return root
 
-def _open_torchgeo(cls, root, name, hint, **kwargs):
+def open_torchgeo(cls, root, name, hint, **kwargs):
     offline = {'download': False} if 'download' in inspect.signature(cls).parameters else {}  # SEN12MS never downloads
     try: return cls(root=str(root), **offline, **kwargs)
     except DatasetNotFoundError as e:
@@ -196,8 +199,8 @@ def eurosat(root, split: str = 'train', view: str = 'rgb', transform=None, ms_tr
     "EuroSAT-MS (Level-1C, 13 bands) `split` from a local `root`, as RGB / MS / paired views."
     hint = ("expected eurosat-{train,val,test}.txt and ds/images/remote_sensing/otherDatasets/sentinel_2/tif/<Class>/*.tif "
             "(torchgeo.datasets.EuroSAT(root, download=True) fetches them on a machine with network).")
-    root = _require_root(root, 'EuroSAT', hint)
-    ds = _open_torchgeo(EuroSAT, root, 'EuroSAT', hint, split=split)
+    root = require_root(root, 'EuroSAT', hint)
+    ds = open_torchgeo(EuroSAT, root, 'EuroSAT', hint, split=split)
     ids = [p for p, _ in ds.samples]
     return S2Views(ds, EUROSAT_BANDS, 'l1c', ids, view, transform, ms_transform, ms_bands)
 
@@ -214,10 +217,10 @@ def write_bigearthnet_fixture(root, n_patches: int = 6, seed: int = 0) -> Path:
         meta = {'labels': [names43[j] for j in labels], 'acquisition_date': '2017-06-13 10:10:31'}
         for b in BIGEARTHNET_S2_BANDS:
             n = sizes.get(b, 12)
-            _write_tif(root / 'BigEarthNet-v1.0' / s2 / f'{s2}_{b}.tif', rng.integers(0, 4000, (1, n, n)).astype('uint16'), res=120 / n * 10)
+            write_fixture_tif(root / 'BigEarthNet-v1.0' / s2 / f'{s2}_{b}.tif', rng.integers(0, 4000, (1, n, n)).astype('uint16'), res=120 / n * 10)
         (root / 'BigEarthNet-v1.0' / s2 / f'{s2}_labels_metadata.json').write_text(json.dumps(meta))
         for b in BIGEARTHNET_S1_BANDS:
-            _write_tif(root / 'BigEarthNet-S1-v1.0' / s1 / f'{s1}_{b}.tif', rng.normal(-15, 3, (1, 12, 12)).astype('float32'))
+            write_fixture_tif(root / 'BigEarthNet-S1-v1.0' / s1 / f'{s1}_{b}.tif', rng.normal(-15, 3, (1, 12, 12)).astype('float32'))
         (root / 'BigEarthNet-S1-v1.0' / s1 / f'{s1}_labels_metadata.json').write_text(json.dumps({**meta, 'corresponding_s2_patch': s2}))
         rows[('train', 'val', 'test')[i % 3]].append(f'{s2},{s1}')
     for split, lines in rows.items():
@@ -228,14 +231,14 @@ def write_bigearthnet_fixture(root, n_patches: int = 6, seed: int = 0) -> Path:
 # 2xx agricultural areas (11), 3xx forest and semi-natural areas (11), 4xx wetlands (5), 5xx water bodies (5)
 BIGEARTHNET5_FROM_43 = torch.tensor([0] * 11 + [1] * 11 + [2] * 11 + [3] * 5 + [4] * 5)
 
-class _RelabelledBEN(Dataset):
-    "BigEarthNet read with 43 labels, returned with the 5 CORINE level-1 labels (a level-1 class is present if any of its labels is)."
-    def __init__(self, ds): self.ds, self.folders = ds, ds.folders
+class GroupedLabels(Dataset):
+    "A multi-label dataset with its labels merged into groups: `groups[j]` is the group of label j; a group is present if any of its labels is."
+    def __init__(self, ds, groups: torch.Tensor): self.ds, self.groups = ds, torch.as_tensor(groups)
     def __len__(self): return len(self.ds)
     def __getitem__(self, i):
         s = self.ds[i]
-        label = torch.zeros(5, dtype=s['label'].dtype).scatter_reduce(0, BIGEARTHNET5_FROM_43, s['label'], 'amax')
-        return {**s, 'label': label}
+        n = int(self.groups.max()) + 1
+        return {**s, 'label': torch.zeros(n, dtype=s['label'].dtype).scatter_reduce(0, self.groups, s['label'], 'amax')}
 
 def bigearthnet(root, split: str = 'train', num_classes: int = 19, view: str = 'rgb', transform=None,
                 ms_transform=None, ms_bands: Sequence[str] | None = S2_BANDS, sensor: str = 's2') -> Dataset:
@@ -244,10 +247,10 @@ def bigearthnet(root, split: str = 'train', num_classes: int = 19, view: str = '
     if sensor not in ('s1', 's2'): raise ValueError(f"sensor must be 's1' (SAR) or 's2' (optical), got {sensor!r}.")
     hint = ("expected bigearthnet-{train,val,test}.csv and BigEarthNet-v1.0/ (S2) or BigEarthNet-S1-v1.0/ (S1) folders "
             "(torchgeo.datasets.BigEarthNet(root, bands=..., download=True) fetches them on a machine with network).")
-    root = _require_root(root, 'BigEarthNet', hint)
-    ds = _open_torchgeo(BigEarthNet, root, 'BigEarthNet', hint, split=split, bands=sensor, num_classes=43 if num_classes == 5 else num_classes)
-    if num_classes == 5: ds = _RelabelledBEN(ds)
+    root = require_root(root, 'BigEarthNet', hint)
+    ds = open_torchgeo(BigEarthNet, root, 'BigEarthNet', hint, split=split, bands=sensor, num_classes=43 if num_classes == 5 else num_classes)
     ids = [Path(f[sensor]).name for f in ds.folders]
+    if num_classes == 5: ds = GroupedLabels(ds, BIGEARTHNET5_FROM_43)
     if sensor == 's1':
         return S2Views(ds, BIGEARTHNET_S1_BANDS, 'l2a', ids, view='raw')
     return S2Views(ds, BIGEARTHNET_S2_BANDS, 'l2a', ids, view, transform, ms_transform, ms_bands)
@@ -257,21 +260,26 @@ def bigearthnet(root, split: str = 'train', num_classes: int = 19, view: str = '
 IGBP_TO_SIMPLE = torch.tensor([-1, 0, 0, 0, 0, 0, 1, 1, 2, 2, 3, 4, 5, 6, 5, 7, 8, 9])
 SEN12MS_SEASONS = ('ROIs1158_spring', 'ROIs1868_summer', 'ROIs1970_fall', 'ROIs2017_winter')
 
-def igbp_multilabel(igbp: torch.Tensor, min_fraction: float = 0.1) -> torch.Tensor:
-    "Multi-hot (10,) simplified-IGBP labels of a land-cover map: classes covering >= `min_fraction` of valid pixels."
+SEN12MS_LABEL_SETS = {9: 'simplified IGBP without savanna (Mind the Modality Gap config: 9 labels)',
+                      10: 'simplified IGBP, 10 classes (Schmitt & Wu 2021)'}
+
+def igbp_multilabel(igbp: torch.Tensor, min_fraction: float = 0.1, num_classes: int = 10) -> torch.Tensor:
+    "Multi-hot simplified-IGBP labels of a land-cover map: classes covering >= `min_fraction` of valid pixels (9: savanna left out)."
+    if num_classes not in SEN12MS_LABEL_SETS: raise ValueError(f"num_classes must be 9 or 10 ({SEN12MS_LABEL_SETS}), not {num_classes}.")
     igbp = torch.as_tensor(igbp).long()
     valid = (igbp >= 1) & (igbp <= 17)
     if not valid.any(): raise ValueError("The land-cover map has no valid IGBP pixel (classes 1-17).")
     counts = torch.bincount(IGBP_TO_SIMPLE[igbp[valid]], minlength=10).float()
-    return (counts / valid.sum() >= min_fraction).long()
+    labels = (counts / valid.sum() >= min_fraction).long()
+    return labels if num_classes == 10 else torch.cat([labels[:2], labels[3:]])   # drop savanna (simplified class 3)
 
 class _SEN12MSScenes(Dataset):
     "torchgeo SEN12MS with the land-cover map turned into scene-level multi-labels."
-    def __init__(self, ds, min_fraction): self.ds, self.min_fraction = ds, min_fraction
+    def __init__(self, ds, min_fraction, num_classes): self.ds, self.min_fraction, self.num_classes = ds, min_fraction, num_classes
     def __len__(self): return len(self.ds)
     def __getitem__(self, i):
         s = self.ds[i]
-        return {'image': s['image'], 'label': igbp_multilabel(s['mask'], self.min_fraction)}
+        return {'image': s['image'], 'label': igbp_multilabel(s['mask'], self.min_fraction, self.num_classes)}
 
 def write_sen12ms_fixture(root, n_patches: int = 4, size: int = 16, seed: int = 0) -> Path:
     "Write a tiny SEN12MS (s1/s2/lc triplets in the four season folders, split lists) in torchgeo's layout."
@@ -284,20 +292,21 @@ def write_sen12ms_fixture(root, n_patches: int = 4, size: int = 16, seed: int = 
                             ('s2', rng.integers(0, 5000, (13, size, size)).astype('uint16')),
                             ('lc', np.concatenate([rng.choice([1, 10, 12, 17], (1, size, size)),
                                                    rng.integers(1, 10, (3, size, size))]).astype('uint16'))):
-            _write_tif(root / season / f'{source}_{scene}' / f'{season}_{source}_{scene}_p{i}.tif', arr)
+            write_fixture_tif(root / season / f'{source}_{scene}' / f'{season}_{source}_{scene}_p{i}.tif', arr)
         names['train' if i % 2 == 0 else 'test'].append(f'{season}_lc_{scene}_p{i}.tif')
     for split, lines in names.items(): (root / f'{split}_list.txt').write_text('\n'.join(lines) + '\n')
     return root
 
 def sen12ms(root, split: str = 'train', view: str = 'rgb', min_fraction: float = 0.1, transform=None,
-            ms_transform=None, ms_bands: Sequence[str] | None = S2_BANDS) -> S2Views:
-    "SEN12MS `split` ('train'/'test') from a local `root`: S2 (L1C) RGB / MS / paired views, 10 simplified-IGBP multi-labels."
+            ms_transform=None, ms_bands: Sequence[str] | None = S2_BANDS, num_classes: int = 9, level: str = 'l2a') -> S2Views:
+    "SEN12MS `split` ('train'/'test'): RGB / MS / paired views, simplified-IGBP multi-labels; defaults as Mind the Modality Gap's config."
     hint = ("expected train_list.txt, test_list.txt and the folders ROIs1158_spring, ROIs1868_summer, ROIs1970_fall, "
             "ROIs2017_winter (see torchgeo.datasets.SEN12MS for the download script).")
-    root = _require_root(root, 'SEN12MS', hint)
+    root = require_root(root, 'SEN12MS', hint)
     if split not in ('train', 'test'): raise ValueError(f"SEN12MS has splits 'train' and 'test', not {split!r}.")
-    ds = _open_torchgeo(SEN12MS, root, 'SEN12MS', hint, split=split, bands=S2_BANDS)
-    return S2Views(_SEN12MSScenes(ds, min_fraction), S2_BANDS, 'l1c', list(ds.ids), view, transform, ms_transform, ms_bands)
+    ds = open_torchgeo(SEN12MS, root, 'SEN12MS', hint, split=split, bands=S2_BANDS)
+    if num_classes not in SEN12MS_LABEL_SETS: raise ValueError(f"SEN12MS has 9 or 10 simplified-IGBP labels, not {num_classes}.")
+    return S2Views(_SEN12MSScenes(ds, min_fraction, num_classes), S2_BANDS, level, list(ds.ids), view, transform, ms_transform, ms_bands)
 
 # %% ../nbs/12_benchmarks.ipynb #da3c0be1
 from PIL import Image
@@ -321,7 +330,7 @@ def _load_rgb(path) -> torch.Tensor:
 class ImageFolderSet(Dataset):
     "One folder of images per class: (image in [0, 1] (3, H, W), class index); classes are the sorted folder names."
     def __init__(self, root, split: str = 'all', split_file=None, transform: Callable | None = None):
-        root = _require_root(root, 'Image folder', "Give the folder that holds one sub-folder of images per class.")
+        root = require_root(root, 'Image folder', "Give the folder that holds one sub-folder of images per class.")
         folders = _class_folders(root)
         if not folders: raise FileNotFoundError(f"No class folders with images ({', '.join(IMAGE_EXTENSIONS)}) under {str(root)!r}.")
         if split_file is None and split != 'all':
@@ -367,7 +376,7 @@ def write_eurosat_rgb_fixture(root, n_per_class: int = 3, size: int = 16, seed: 
 def eurosat_rgb(root, split: str = 'test', transform: Callable | None = None) -> ImageFolderSet:
     "EuroSAT RGB (the distributed JPEGs) `split` from a local `root`, with torchgeo's split lists; images in [0, 1]."
     hint = "expected 2750/<Class>/*.jpg (or EuroSAT_RGB/) from EuroSAT.zip and eurosat-{train,val,test}.txt (torchgeo's split lists)."
-    root = _require_root(root, 'EuroSAT RGB', hint)
+    root = require_root(root, 'EuroSAT RGB', hint)
     images = next((root / f for f in EUROSAT_RGB_FOLDERS if (root / f / EUROSAT_CLASSES[0]).is_dir()), None)
     if images is None: raise FileNotFoundError(f"EuroSAT RGB class folders not found under {str(root)!r}: {hint}")
     split_file = None if split == 'all' else root / f'eurosat-{split}.txt'
@@ -380,7 +389,7 @@ def eurosat_rgb(root, split: str = 'test', transform: Callable | None = None) ->
 
 # %% ../nbs/12_benchmarks.ipynb #dc0d3b86
 try: from torchgeo.datasets import RESISC45
-except ImportError: RESISC45 = _NeedsTorchgeo('RESISC45')
+except ImportError: RESISC45 = NeedsTorchgeo('RESISC45')
 
 class _ScaledImages(Dataset):
     "A torchgeo RGB classification dataset as (image in [0, 1], label)."
@@ -405,11 +414,11 @@ def write_resisc45_fixture(root, n_per_class: int = 3, size: int = 16, seed: int
 def resisc45(root, split: str = 'test', transform: Callable | None = None) -> Dataset:
     "RESISC45 `split` from a local `root` through torchgeo's reader: (image in [0, 1], label), 45 classes checked."
     hint = "expected NWPU-RESISC45/<class>/*.jpg and resisc45-{train,val,test}.txt (torchgeo.datasets.RESISC45 downloads them)."
-    root = _require_root(root, 'RESISC45', hint)
+    root = require_root(root, 'RESISC45', hint)
     if split not in RESISC45.splits: raise ValueError(f"RESISC45 has splits {RESISC45.splits}, not {split!r}.")
     if not (root / f'resisc45-{split}.txt').is_file():
         raise FileNotFoundError(f"RESISC45 split list resisc45-{split}.txt not found under {str(root)!r}: {hint}")
-    ds = _ScaledImages(_open_torchgeo(RESISC45, root, 'RESISC45', hint, split=split), transform)
+    ds = _ScaledImages(open_torchgeo(RESISC45, root, 'RESISC45', hint, split=split), transform)
     if len(ds.classes) != 45:
         raise ValueError(f"RESISC45 under {str(root)!r} has {len(ds.classes)} class folders with images of split "
                          f"{split!r}, not 45: labels would shift. Check the extraction.")

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['DEMO_TEMPLATE', 'DEMO_LABELS', 'PRESETS', 'MODEL_HELP', 'USER_ERRORS', 'load_model', 'load_tokenizer', 'demo_model',
            'file_slug', 'output_names', 'check_outputs', 'publish_outputs', 'check_out_folder', 'template_problem',
-           'run_explore', 'build_parser', 'error_line', 'main']
+           'run_explore', 'build_parser', 'add_collection_parsers', 'error_line', 'main']
 
 # %% ../nbs/17_cli.ipynb #ebcfc147
 import argparse, json, os, re, shutil, sys, tempfile, time
@@ -84,7 +84,7 @@ def demo_model(folder=None, epochs=None, log=print):
     "The tiny demo DOFA-CLIP: loaded from `folder` (default: the cache folder of the current recipe), trained there first if missing."
     from dofaclip.weights import load_pretrained
     from dofaclip.explore import default_cache_dir
-    try: from dofaclip.pretrain import train_demo_model, demo_recipe_id
+    try: from dofaclip.demo import train_demo_model, demo_recipe_id
     except ImportError as e: train_demo_model = demo_recipe_id = None; why = e
     if folder is None:
         if demo_recipe_id is None:
@@ -187,7 +187,7 @@ def run_explore(scene, queries, model, model_desc, out='explore_out', negatives=
                 batch_size=32, num_workers=0, template=None, html=True, min_valid=0.5, tokenizer=None, device=None,
                 overwrite=False, log=print) -> dict:
     "Embed `scene` (cached), answer `queries`, write heat maps, GeoJSON, PNG previews, an HTML map and summary.json."
-    from dofaclip.explore import SceneExplorer, _pid_alive
+    from dofaclip.explore import SceneExplorer; from dofaclip.cache import pid_alive as _pid_alive
     from dofaclip.mapview import MapState, save_html
     if not queries and not classes: raise ValueError("give at least one query (or --classes for a class map)")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0: raise ValueError(f"top_k must be a positive whole number, got {top_k!r} (--top-k)")
@@ -295,7 +295,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     from dofaclip.train import add_train_parser       # stdlib-only too
     add_train_parser(sub)
+    add_collection_parsers(sub)                       # embed, search (defined below; run by dofaclip.search)
     return p
+
+# %% ../nbs/17_cli.ipynb #9a36c8a3
+def add_collection_parsers(sub):
+    "The `embed` and `search` subcommands of `dofaclip` (stdlib only at import time)."
+    e = sub.add_parser('embed', help='embed scenes into a GeoParquet store (one part per scene; resumable, shardable)')
+    e.add_argument('scenes', nargs='+', help='rasters, SAFE folders, STAC item/ItemCollection JSON, folders or globs of them; '
+                   'B1.tif,B2.tif,... (comma-joined) for one scene of per-band files')
+    e.add_argument('--model', required=True, help=MODEL_HELP)
+    e.add_argument('--out', required=True, help='store folder (created; parts already there are kept and skipped)')
+    e.add_argument('--rank', type=int, default=None, help="this process's share (default: $RANK from torchrun, else 0)")
+    e.add_argument('--world-size', type=int, default=None, help='number of processes sharing the scenes (default: $WORLD_SIZE, else 1)')
+    e.add_argument('--sensor', default=None); e.add_argument('--wavelengths', type=_floats, default=None, help='band wavelengths in micrometres, e.g. 0.49,0.56,0.665')
+    e.add_argument('--preset', type=_preset, default='auto'); e.add_argument('--tile-size', type=_positive, default=None)
+    e.add_argument('--stride', type=_positive, default=None)
+    e.add_argument('--min-valid', type=float, default=0.5); e.add_argument('--batch-size', type=_positive, default=32)
+    e.add_argument('--workers', type=int, default=0); e.add_argument('--cache-dir', default=None); e.add_argument('--device', default='auto')
+    e.add_argument('--dtype', choices=('float32', 'float16'), default='float32', help='stored vector type')
+    e.add_argument('-q', '--quiet', action='store_true', default=argparse.SUPPRESS, help='no progress bars')
+    s = sub.add_parser('search', help='rank the tiles of a store for a text query: top-k GeoJSON, heat maps per scene, HTML map')
+    s.add_argument('store', help='store folder written by `dofaclip embed`'); s.add_argument('query', help='text query')
+    s.add_argument('--model', default=None, help=MODEL_HELP + ' (default: the one the store records)')
+    s.add_argument('--tokenizer', default=None, metavar='FOLDER'); s.add_argument('--top-k', type=_positive, default=10)
+    s.add_argument('--out', default='search_out'); s.add_argument('--index', choices=('auto', 'exact', 'faiss'), default='auto')
+    s.add_argument('--overlap', type=float, default=0.5, help='drop a hit overlapping a better one of another scene by more IoU (default 0.5)')
+    s.add_argument('--no-html', action='store_true'); s.add_argument('--overwrite', action='store_true')
+    s.add_argument('--device', default='auto'); s.add_argument('-q', '--quiet', action='store_true', default=argparse.SUPPRESS)
+
 
 # %% ../nbs/17_cli.ipynb #d19c3271
 USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, ImportError)   # OSError: files, ConnectionError, FileExistsError
@@ -340,11 +368,13 @@ def _explore(args):
     from dofaclip.core import resolve_device
     kw, out = _run_kw(args), check_out_folder(args.out or 'explore_out')
     check_outputs(out, output_names(args.queries, args.classes, args.top_k, not args.no_html), args.overwrite)   # before any loading
-    if not Path(args.scene).exists(): raise FileNotFoundError(f"no such raster: {args.scene}")
+    scene = args.scene.split(',') if ',' in args.scene else args.scene   # B2.tif,B3.tif,...: one scene of per-band files
+    for p in ([scene] if isinstance(scene, str) else scene):
+        if not Path(p).exists(): raise FileNotFoundError(f"no such raster: {p}")
     device = resolve_device(args.device)
     model, desc = load_model(args.model)
     tokenizer = load_tokenizer(model, args.model, args.tokenizer)
-    run_explore(args.scene, args.queries, model.to(device), desc, out=out, sensor=args.sensor, wavelengths=args.wavelengths,
+    run_explore(scene, args.queries, model.to(device), desc, out=out, sensor=args.sensor, wavelengths=args.wavelengths,
                 preset=args.preset, tokenizer=tokenizer, device=str(device), **kw)
 
 def _demo(args):
@@ -376,6 +406,9 @@ def main(argv=None) -> int:
     if args.command == 'train':   # VECT, PAINT or alignment from a config (dofaclip.train checks its own arguments)
         from dofaclip.train import run_train_command
         return run_train_command(args)
+    if args.command in ('embed', 'search'):   # scene collections: GeoParquet store, search (dofaclip.search)
+        from dofaclip.search import run_collection_command
+        return run_collection_command(args)
     if args.command == 'eval':   # zero-shot evaluation on local datasets (dofaclip.evaluation checks its own arguments)
         from dofaclip.core import set_quiet
         if args.quiet: set_quiet(True)

@@ -11,21 +11,31 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['S2_SETS', 'RGB_SETS', 'FOLDER_SETS', 'EVAL_DATASETS', 'AP_CONVENTIONS', 'CACHE_FORMAT', 'check_dataset_name', 'View',
-           'EvalSet', 'open_eval_set', 'default_cache_dir', 'feature_key', 'feature_cache_path', 'cached_features',
-           'markdown_report', 'write_report', 'model_image_size', 'evaluate', 'add_eval_parser', 'run_eval_command',
-           'main']
+           'EvalSet', 'rgb_scaling', 'ms_scaling', 'open_eval_set', 'default_cache_dir', 'feature_key',
+           'feature_cache_path', 'cached_features', 'markdown_report', 'write_report', 'protocol_table',
+           'model_image_size', 'evaluate', 'add_eval_parser', 'run_eval_command', 'main']
 
 # %% ../nbs/11a_evaluation.ipynb #ca1f36a9
+_MMG = 'Mind the Modality Gap (Orion-AI-Lab/MindTheModalityGap conf/datasets)'
+_TVT = ('train', 'val', 'test')
 S2_SETS = {   # Sentinel-2 sets: an RGB composite and a multispectral view of each patch
-    'eurosat': dict(reader='torchgeo EuroSAT (13-band GeoTIFFs)', level='l1c', splits=('train', 'val', 'test')),
-    'bigearthnet-5': dict(reader='torchgeo BigEarthNet v1, 43 labels -> CORINE level 1', level='l2a', splits=('train', 'val', 'test')),
-    'bigearthnet-19': dict(reader='torchgeo BigEarthNet v1', level='l2a', splits=('train', 'val', 'test')),
-    'bigearthnet-43': dict(reader='torchgeo BigEarthNet v1', level='l2a', splits=('train', 'val', 'test')),
-    'sen12ms': dict(reader='torchgeo SEN12MS, simplified IGBP >= 10 % of the patch', level='l1c', splits=('train', 'test')),
+    'eurosat': dict(reader='torchgeo EuroSAT (13-band GeoTIFFs)', level='l1c', splits=_TVT, source=f'{_MMG}: eurosat_ms, S2_L1C'),
+    'bigearthnet-5': dict(reader='torchgeo BigEarthNet v1, 43 labels -> CORINE level 1', level='l2a', splits=_TVT,
+                          source=f'{_MMG}: bigearthnet5, S2_L2A; the 43 -> 5 grouping is our assumption'),
+    'bigearthnet-19': dict(reader='torchgeo BigEarthNet v1', level='l2a', splits=_TVT, source=f'{_MMG}: bigearthnet19, S2_L2A'),
+    'bigearthnet-43': dict(reader='torchgeo BigEarthNet v1', level='l2a', splits=_TVT, source=f'{_MMG}: bigearthnet43, S2_L2A'),
+    'bigearthnet-v2-19': dict(reader='torchgeo BigEarthNetV2 (reBEN)', level='l2a', splits=_TVT, source=f'{_MMG}: bigearthnet19_v2, S2_L2A'),
+    'bigearthnet-v2-5': dict(reader='torchgeo BigEarthNetV2 (reBEN), 19 labels -> CORINE level 1', level='l2a', splits=_TVT,
+                             source=f'{_MMG}: bigearthnet5_v2, S2_L2A; 19 -> 5 is CORINE level 1'),
+    'sen12ms': dict(reader='torchgeo SEN12MS, simplified IGBP >= 10 % of the patch, savanna left out', level='l2a',
+                    splits=('train', 'test'), source=f'{_MMG}: sen12ms, S2_L2A, 9 labels (which class is dropped: inferred)'),
+    'sen12ms-10': dict(reader='torchgeo SEN12MS, simplified IGBP >= 10 % of the patch', level='l1c', splits=('train', 'test'),
+                       source='the dataset: Schmitt et al. 2019 (L1C, 13 bands), Schmitt & Wu 2021 (10 classes)'),
 }
 RGB_SETS = {  # RGB scene sets with fixed class lists
-    'eurosat-rgb': dict(reader='EuroSAT RGB JPEGs + torchgeo split lists', splits=('train', 'val', 'test', 'all')),
-    'resisc45': dict(reader='torchgeo RESISC45', splits=('train', 'val', 'test')),
+    'eurosat-rgb': dict(reader='EuroSAT RGB JPEGs + torchgeo split lists', splits=('train', 'val', 'test', 'all'),
+                        source=f'{_MMG}: eurosat, RGB'),
+    'resisc45': dict(reader='torchgeo RESISC45', splits=_TVT, source=f'{_MMG}: resisc45, RGB; DOFA-CLIP zero-shot table'),
 }
 FOLDER_SETS = ('ucmerced', 'aid', 'whu-rs19', 'patternnet', 'rsi-cb', 'folder')   # one folder of images per class
 EVAL_DATASETS = (*S2_SETS, *RGB_SETS, *FOLDER_SETS)
@@ -70,8 +80,29 @@ def _rgb_wavelengths(any_band: bool):
     from dofaclip.sensors import wavelengths
     return wavelengths('sentinel-2-l1c', ['B04', 'B03', 'B02'])
 
+def rgb_scaling(level: str, size) -> str:
+    "How the RGB composite of Sentinel-2 `level` data reaches a model of input `size`, in one line (for reports and the protocol table)."
+    from dofaclip.benchmarks import RGB_DIVISOR
+    return (f"B4,B3,B2 x*255/{RGB_DIVISOR[level]:g} ({level.upper()}), clamp [0,255], truncated to uint8 (upstream), /255, "
+            f"bicubic antialiased to {_size_text(size)}")
+
+def _size_text(size) -> str: return f"{size} px" if isinstance(size, int) else str(size)
+
+def ms_scaling(size) -> str:
+    "How the multispectral view reaches a model of input `size`, in one line."
+    return f"x/10000, clamp [0,1], bilinear antialiased to {_size_text(size)}"
+
+def _open_s2(name, root, **kw):
+    "The reader of Sentinel-2 set `name` (a key of S2_SETS), opened with the keyword arguments of the views."
+    from dofaclip.benchmarks import eurosat, bigearthnet, sen12ms
+    from dofaclip.reben import reben
+    if name == 'eurosat': return eurosat(root, **kw)
+    if name.startswith('sen12ms'): return sen12ms(root, num_classes=10 if name == 'sen12ms-10' else 9, level=S2_SETS[name]['level'], **kw)
+    if name.startswith('bigearthnet-v2'): return reben(root, num_classes=int(name.rsplit('-', 1)[1]), **kw)
+    return bigearthnet(root, num_classes=int(name.split('-')[1]), **kw)
+
 def _s2_set(name, root, split, bands, size, any_band) -> EvalSet:
-    from dofaclip.benchmarks import eurosat, bigearthnet, sen12ms, clip_transform, RGB_BANDS, RGB_DIVISOR
+    from dofaclip.benchmarks import clip_transform, RGB_BANDS
     from dofaclip.preprocess import resize_images
     from dofaclip.zeroshot import benchmark_prompts, prompt_version
     info, rgb_only = S2_SETS[name], list(bands or []) == ['rgb']
@@ -79,22 +110,17 @@ def _s2_set(name, root, split, bands, size, any_band) -> EvalSet:
         raise ValueError(f"{name} is multispectral and this model takes RGB only (no wavelengths): pass --bands rgb for the "
                          "true-colour composite (Mind the Modality Gap's scaling), or use an any-band (DOFA-CLIP) model")
     def opener(view, ms_bands=None):
-        kw = dict(split=split, view=view, transform=clip_transform(size),
-                  ms_transform=lambda x: resize_images(x, size, 'bilinear').clamp(0, 1), ms_bands=ms_bands)
-        if name == 'eurosat': return eurosat(root, **kw)
-        if name == 'sen12ms': return sen12ms(root, **kw)
-        return bigearthnet(root, num_classes=int(name.split('-')[1]), **kw)
+        return _open_s2(name, root, split=split, view=view, transform=clip_transform(size),
+                        ms_transform=lambda x: resize_images(x, size, 'bilinear').clamp(0, 1), ms_bands=ms_bands)
     rgb = opener('rgb')
-    rgb_scaling = (f"B4,B3,B2 x*255/{RGB_DIVISOR[info['level']]:g} ({info['level'].upper()}), clamp [0,255], /255, "
-                   f"bicubic to {size} px")
-    views = {'rgb': View(rgb, _rgb_wavelengths(any_band), RGB_BANDS, rgb_scaling)}
+    views = {'rgb': View(rgb, _rgb_wavelengths(any_band), RGB_BANDS, rgb_scaling(info['level'], size))}
     if rgb_only: views['main'] = views['rgb']
     else:
         ms = opener('ms', None if bands is None else tuple(bands))
         missing = [b for b in ms.ms_band_names if b not in ms.band_names]
         if missing: raise ValueError(f"--bands {' '.join(missing)}: not in {name} ({info['level'].upper()}), which has "
                                      f"{' '.join(ms.band_names)}; or --bands rgb for the true-colour composite")
-        views['ms'] = View(ms, ms.wavelengths, ms.ms_band_names, f"x/10000, clamp [0,1], bilinear to {size} px")
+        views['ms'] = View(ms, ms.wavelengths, ms.ms_band_names, ms_scaling(size))
         views['main'] = views['ms']
     classnames, templates, multilabel = benchmark_prompts(name)
     return EvalSet(name, split, classnames, templates, prompt_version(name), multilabel, views, info['reader'])
@@ -133,7 +159,7 @@ def _rgb_set(name, root, split, bands, size, any_band) -> EvalSet:
     else:
         (classnames, templates, multilabel), version = benchmark_prompts(name), prompt_version(name)
     reader = info['reader'] if info else 'folder of images per class (class = folder name)'
-    view = View(ds, _rgb_wavelengths(any_band), ('R', 'G', 'B'), f"8-bit RGB /255, bicubic to {size} px")
+    view = View(ds, _rgb_wavelengths(any_band), ('R', 'G', 'B'), f"8-bit RGB /255, bicubic antialiased to {size} px")
     return EvalSet(name, split, classnames, templates, version, multilabel, {'main': view}, reader)
 
 # %% ../nbs/11a_evaluation.ipynb #e7deb40f
@@ -233,6 +259,26 @@ def write_report(report: dict, out) -> tuple:
     md = atomic_write(out / 'eval.md', lambda tmp: Path(tmp).write_text(markdown_report(report)))
     js = atomic_write(out / 'eval.json', lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
     return js, md
+
+# %% ../nbs/11a_evaluation.ipynb #89d21939
+def protocol_table(size='the model input size') -> str:
+    "The evaluation protocol of every dataset `evaluate` knows, as a Markdown table (dataset, classes, prompts, bands, scaling, metric, source)."
+    from dofaclip.zeroshot import CLASSNAMES, TEMPLATES, MULTILABEL, prompt_version
+    rows = []
+    for name in EVAL_DATASETS:
+        if name in FOLDER_SETS:
+            rows.append([name, 'one per class folder', f"{len(TEMPLATES[name])} templates, class names from folder names",
+                         'R G B', f"8-bit RGB /255, bicubic antialiased to {size}", 'top-1',
+                         "DOFA-CLIP zero-shot table (whole scene sets)" if name != 'folder' else 'any folder of class folders'])
+            continue
+        info = {**S2_SETS, **RGB_SETS}[name]
+        metric = 'macro AP (torchmetrics: empty classes 0)' if MULTILABEL[name] else 'top-1'
+        if name in S2_SETS:
+            bands, scaling = 'MS: every band of the data; RGB: B4 B3 B2', f"RGB: {rgb_scaling(info['level'], size)}; MS: {ms_scaling(size)}"
+        else: bands, scaling = 'R G B', f"8-bit RGB /255, bicubic antialiased to {size}"
+        rows.append([name, len(CLASSNAMES[name]), f"`{prompt_version(name)}` ({len(TEMPLATES[name])} templates)",
+                     bands, scaling, metric, info['source']])
+    return '\n'.join(_table(['dataset', 'classes', 'prompts', 'bands', 'scaling', 'metric', 'source'], rows)) + '\n'
 
 # %% ../nbs/11a_evaluation.ipynb #a9a6f222
 def model_image_size(model) -> int:

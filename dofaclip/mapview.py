@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['LAND_COVER_PALETTES', 'OTHER_COLORS', 'DEFAULT_LABELS', 'MercatorGrid', 'fit_view', 'scene_overview', 'png_data_url',
            'decode_data_url', 'colorize', 'class_colors', 'value_range', 'colorbar_css', 'legend_html', 'MapState',
-           'ExploreMap', 'leaflet_assets', 'save_html', 'save_preview']
+           'ExploreMap', 'leaflet_assets', 'leaflet_head', 'save_html', 'save_preview']
 
 # %% ../nbs/16_mapview.ipynb #af756a13
 import base64, io, json, re
@@ -497,6 +497,12 @@ _LEAFLET_LOADER = """(function(){var mods={};(self.webpackChunkjupyter_leaflet||
 for(var id in mods){if(String(mods[id]).indexOf('noConflict')<0)continue;var m={exports:{}};
 mods[id].call(m.exports,m,m.exports,function(){throw new Error('leaflet module needs no dependencies');});
 if(window.L&&window.L.map)break;}})();"""
+
+def leaflet_head() -> str:
+    "The <style> and <script> tags that load Leaflet offline in a standalone HTML page (what `save_html` inlines; other pages reuse it)."
+    js, css = leaflet_assets()
+    return (f"<style>{css}</style>\n<script>self.webpackChunkjupyter_leaflet=[];</script>\n<script>{js}</script>\n"
+            f"<script>{_LEAFLET_LOADER}</script>")
 
 # %% ../nbs/16_mapview.ipynb #b0b28da8
 _HTML = """<!DOCTYPE html>

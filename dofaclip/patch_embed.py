@@ -186,6 +186,7 @@ def _check_image(self: DOFAPatchEmbed, x: torch.Tensor, n_wavelengths: int):
         raise ValueError(f"image of {H}x{W} px gives a {grid[0]}x{grid[1]} token grid, but this model's grid is fixed: it takes "
                          f"{self._sizes_text()}; resize or crop, or build the model with dynamic_img_size=True")
 
+# %% ../nbs/02_patch_embed.ipynb #8c7b1247
 @patch
 def _project(self: DOFAPatchEmbed, x, weight, bias):
     "The patch projection with the generated kernel -> (B, H', W', D), as a patchify + matmul or a strided conv (whole patches only)."

@@ -13,15 +13,31 @@ from fastai.metrics import accuracy
 from .core import atomic_write
 from .core import progress
 from .training import AdamW, classification_loss, fit_warmup_cosine, grad_clip_cbs, set_precision
+from .pretrain import warmup_fraction
 from .preprocess import image_encoder
 from .zeroshot import ZeroShotHead, ZeroShotClassifier, evaluate_zeroshot
 
 # %% auto #0
-__all__ = ['PATCHING_DEFAULTS', 'ALPHAS', 'patching_learner', 'interpolate_state', 'patch_encoder', 'task_evaluator',
-           'patching_sweep', 'choose_alpha', 'save_patched', 'paint']
+__all__ = ['PATCHING_DEFAULTS', 'ALPHAS', 'train_augment', 'patching_learner', 'interpolate_state', 'patch_encoder',
+           'task_evaluator', 'patching_sweep', 'choose_alpha', 'save_patched', 'paint']
+
+# %% ../nbs/13_patching.ipynb #64d2e82e
+def train_augment(size: int, colour: bool = True, flips: bool = True, crop_scale=(0.9, 1.0), jitter: float = 0.4,
+                  jitter_p: float = 0.8, grayscale_p: float = 0.2, blur_p: float = 0.4, blur_kernel=(3, 7),
+                  blur_sigma=(0.1, 2.0)):
+    "Mind the Modality Gap's train-time augmentation of (C, H, W) images in [0, 1], resized to `size`; `colour=False` for multispectral inputs."
+    from torchvision.transforms import v2 as T
+    steps = [T.RandomResizedCrop(size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC, antialias=True)]
+    if flips: steps += [T.RandomHorizontalFlip(0.5), T.RandomVerticalFlip(0.5)]
+    if colour:
+        steps += [T.RandomApply([T.ColorJitter(jitter, jitter, jitter)], p=jitter_p), T.RandomGrayscale(grayscale_p),
+                  T.RandomApply([T.GaussianBlur(blur_kernel, blur_sigma)], p=blur_p)]
+    pipeline = T.Compose(steps)
+    return lambda x: pipeline(x).clamp(0, 1)
 
 # %% ../nbs/13_patching.ipynb #6c993d20
-PATCHING_DEFAULTS = dict(lr=1e-5, wd=0.1, batch_size=128, grad_clip=1.0, warmup_pct=0.1)
+PATCHING_DEFAULTS = dict(lr=1e-5, wd=0.1, batch_size=128, grad_clip=1.0, warmup_pct=0.1,
+                         warmup_steps=200, augment=True)   # Mind the Modality Gap conf/tasks/patch.json: 200 warm-up steps
 
 def _encoder_params(model: ZeroShotClassifier):
     return [[p for p in model.image_encoder.parameters() if p.requires_grad]]
@@ -103,12 +119,13 @@ def save_patched(model: nn.Module, patched_visual: nn.Module, directory, alpha: 
 # %% ../nbs/13_patching.ipynb #9baa3215
 def paint(model: nn.Module, dls, head: ZeroShotHead, tasks: dict, supported: str, patching: str,
           multilabel: bool = False, epochs: int = 1, lr: float = 1e-5, wd: float = 0.1, warmup_pct: float = 0.1,
-          wavelengths=None, alphas=ALPHAS, quiet: bool = True) -> dict:
-    "PAINT end to end: fine-tune a copy of `model.visual` on `dls`, sweep alphas on `tasks`, pick alpha."
+          wavelengths=None, alphas=ALPHAS, quiet: bool = True, warmup_steps: int | None = None) -> dict:
+    "PAINT end to end: fine-tune a copy of `model.visual` on `dls`, sweep alphas on `tasks`, pick alpha; `warmup_steps` (upstream 200) overrides `warmup_pct`."
     zs_visual = copy.deepcopy(model.visual)
     ft_visual = copy.deepcopy(model.visual)
     classifier = ZeroShotClassifier(image_encoder(ft_visual, wavelengths), head)
     learn = patching_learner(classifier, dls, multilabel=multilabel, lr=lr, wd=wd)
+    if warmup_steps is not None: warmup_pct = warmup_fraction(warmup_steps, epochs * len(dls.train))
     if quiet:
         with learn.no_bar(), learn.no_logging(): fit_warmup_cosine(learn, epochs, lr, warmup_pct)
     else: fit_warmup_cosine(learn, epochs, lr, warmup_pct)

@@ -85,6 +85,7 @@ def _pick(rows, names):
     by_name = {r[0]: r for r in rows}
     return [by_name[n] for n in names]
 
+# %% ../nbs/00_sensors.ipynb #005b1e15
 SENSORS = {s.name: s for s in [
     _sensor('sentinel-2-l1c', 'Sentinel-2 MSI Level-1C, 13 bands (ESA)', _S2_L1C),
     _sensor('sentinel-2-l2a', 'Sentinel-2 MSI Level-2A, 12 bands (no B10 cirrus) (ESA)', _S2_L2A),

@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['SAR_MIN_CODE', 'VECT_TEACHERS', 'channel_sampling', 'sample_rgb', 'load_teacher_weights', 'Teacher', 'tiny_teachers',
-           'sample_identity', 'build_teacher_cache', 'TeacherCache']
+           'sample_identity', 'teacher_features', 'build_teacher_cache', 'merge_teacher_cache', 'TeacherCache',
+           'check_teachers_match']
 
 # %% ../nbs/06_teachers.ipynb #a02f4d2d
 import json, os, warnings
@@ -151,13 +152,16 @@ def sample_identity(record: dict, view_size=None) -> dict:
 
 def _is_dataset(x) -> bool: return hasattr(x, 'records') and hasattr(x, 'groups')
 
-def _dataset_batches(datasets, bs):
-    "Fixed-view batches (images, wavelengths, ids) of each dataset, one wavelength set per batch."
+def _dataset_batches(datasets, bs, rank: int = 0, world_size: int = 1):
+    "Fixed-view batches (images, wavelengths, ids) of each dataset, one wavelength set per batch; batch j is rank j % world_size's."
+    j = 0
     for ds in datasets:
         for idxs in ds.groups().values():
-            for j in range(0, len(idxs), bs):
-                items = [ds[i] for i in idxs[j:j + bs]]
-                yield torch.stack([it[0] for it in items]), items[0][2], torch.tensor([it[3] for it in items])
+            for start in range(0, len(idxs), bs):
+                if j % world_size == rank:   # other ranks' batches are not even read
+                    items = [ds[i] for i in idxs[start:start + bs]]
+                    yield torch.stack([it[0] for it in items]), items[0][2], torch.tensor([it[3] for it in items])
+                j += 1
 
 # %% ../nbs/06_teachers.ipynb #7a64c39b
 def _save_npy(array):
@@ -180,7 +184,7 @@ class _ShardWriter:
         atomic_write(self.folder / f'shard_{self.n_shards:05d}.npy', _save_npy(np.stack(self.buffer[:n]).astype(np.float16)))
         self.buffer, self.n_shards = self.buffer[n:], self.n_shards + 1
 
-def _run_teachers(teachers: dict, images, wavelengths, ids) -> dict:
+def teacher_features(teachers: dict, images, wavelengths, ids=None) -> dict:
     "{teacher: features (B, N, D) as numpy} of one batch; non-finite features are refused, naming the samples."
     out = {}
     for name, teacher in teachers.items():
@@ -190,47 +194,96 @@ def _run_teachers(teachers: dict, images, wavelengths, ids) -> dict:
             raise ValueError(f"teacher {name} gave non-finite features for samples {ids}; check those images for NaN/nodata.")
     return out
 
-# %% ../nbs/06_teachers.ipynb #a748fd86
-def build_teacher_cache(data, teachers: dict, out_dir, bs: int = 32, shard_size: int = 4096) -> 'TeacherCache':
-    "Run `teachers` over `data` (a dataset or list of datasets with fixed views) and store their patch tokens as fp16 shards in `out_dir` (with a progress bar)."
-    out_dir = Path(out_dir)
+# %% ../nbs/06_teachers.ipynb #00b54c1c
+def _cache_inputs(data, bs, rank=0, world_size=1):
+    "(sample identities, this rank's batches) of `data`: datasets (identities checked unique first) or bare batches (with a warning)."
     datasets = [data] if _is_dataset(data) else list(data) if isinstance(data, (list, tuple)) and data and all(map(_is_dataset, data)) else None
-    identities, views = {}, {}
     if datasets is None:
         warnings.warn("build_teacher_cache got bare (images, wavelengths, ids) batches: it cannot record what each sample is, so "
                       "TeacherCache.check_dataset cannot detect a changed dataset; pass the datasets instead.")
-        batches = data
-    else:
-        for ds in datasets:
-            if getattr(ds, 'augment', False):
-                raise ValueError("cached teacher features need fixed views: build the dataset with augment=False")
-            for r in ds.records:   # every id known and unique before any teacher runs or any shard is written
-                if str(r['id']) in identities:
-                    raise ValueError(f"sample id {r['id']} appears twice ({identities[str(r['id'])]['image']} and {r['image']}); "
-                                     "cache ids must be unique: pass each dataset once, with distinct manifest rows.")
-                identities[str(r['id'])] = sample_identity(r, getattr(ds, 'size', None))
-        batches = _dataset_batches(datasets, bs)
+        return {}, (b for j, b in enumerate(data) if j % world_size == rank)
+    identities = {}
+    for ds in datasets:
+        if getattr(ds, 'augment', False):
+            raise ValueError("cached teacher features need fixed views: build the dataset with augment=False")
+        for r in ds.records:   # every id known and unique before any teacher runs or any shard is written
+            if str(r['id']) in identities:
+                raise ValueError(f"sample id {r['id']} appears twice ({identities[str(r['id'])]['image']} and {r['image']}); "
+                                 "cache ids must be unique: pass each dataset once, with distinct manifest rows.")
+            identities[str(r['id'])] = sample_identity(r, getattr(ds, 'size', None))
+    return identities, _dataset_batches(datasets, bs, rank, world_size)
+
+
+# %% ../nbs/06_teachers.ipynb #656e9041
+def _write_cache(batches, teachers: dict, out_dir, shard_size: int, identities: dict, n_samples=None, record_batches=False):
+    "Teachers over `batches` into fp16 shards + index.json (written last) in `out_dir`; `record_batches` keeps each batch's ids (a rank's part)."
+    out_dir = Path(out_dir)
     (out_dir / 'index.json').unlink(missing_ok=True)   # the folder is not a valid cache until the new index is written
     writers = {name: _ShardWriter(out_dir / name, shard_size) for name in teachers}
-    index, shapes = {}, {}
-    n_samples = len(identities) or None   # unknown for bare batches: the bar shows the rate only
+    index, shapes, order = {}, {}, []
     with progress(total=n_samples, desc='teacher features', unit='sample') as bar:
         for images, wavelengths, ids in batches:
             ids = [int(i) for i in torch.as_tensor(ids).flatten()]
             twice = [i for i in ids if str(i) in index] + [i for k, i in enumerate(ids) if i in ids[:k]]
             if twice: raise ValueError(f"sample ids {twice[:8]} appear twice; cache ids must be unique.")
-            for name, feats in _run_teachers(teachers, images, wavelengths, ids).items():
-                shapes[name] = list(feats.shape[1:])
-                writers[name].add(list(feats))
+            # a batch is (images, wavelengths, ids), or (features already computed, None, ids) when merging rank parts
+            feats = teacher_features(teachers, images, wavelengths, ids) if isinstance(images, torch.Tensor) else images
+            for name, f in feats.items():
+                shapes[name] = list(f.shape[1:])
+                writers[name].add(list(f))
             for i in ids: index[str(i)] = [len(index) // shard_size, len(index) % shard_size]   # (shard, row)
-            bar.update(len(ids))
+            order.append(ids); bar.update(len(ids))
     for w in writers.values(): w.flush()
     meta = dict(teachers=list(teachers), shapes=shapes, weights={n: float(getattr(t, 'weight', 1.0)) for n, t in teachers.items()},
                 teacher_identity={n: t.identity() if hasattr(t, 'identity') else None for n, t in teachers.items()},
                 n_shards={n: w.n_shards for n, w in writers.items()}, shard_size=shard_size, dtype='float16', index=index,
-                samples=identities or None)
+                samples=identities or None, **(dict(batches=order) if record_batches else {}))
     atomic_write(out_dir / 'index.json', lambda tmp: Path(tmp).write_text(json.dumps(meta)))
     return TeacherCache(out_dir)
+
+
+# %% ../nbs/06_teachers.ipynb #24c113ed
+def build_teacher_cache(data, teachers: dict, out_dir, bs: int = 32, shard_size: int = 4096, rank: int = 0,
+                        world_size: int = 1) -> 'TeacherCache | None':
+    "Run `teachers` over `data` (a dataset or list of datasets with fixed views) and store their patch tokens as fp16 shards in `out_dir` (with a progress bar); `rank`/`world_size` split the batches over processes."
+    out_dir = Path(out_dir)
+    identities, batches = _cache_inputs(data, bs, rank, world_size)
+    if world_size == 1: return _write_cache(batches, teachers, out_dir, shard_size, identities, len(identities) or None)
+    _write_cache(batches, teachers, out_dir / f'part-{rank}-of-{world_size}', shard_size, identities, record_batches=True)
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()): return None   # no process group: call merge_teacher_cache when all ranks are done
+    dist.barrier()
+    if rank == 0: merge_teacher_cache(out_dir, world_size)
+    dist.barrier()
+    return TeacherCache(out_dir)
+
+
+# %% ../nbs/06_teachers.ipynb #ef3ad9fa
+def merge_teacher_cache(out_dir, world_size: int, shard_size: int | None = None) -> 'TeacherCache':
+    "Merge the `world_size` rank parts of `out_dir` into one cache whose rows and shards are the single-process build's; the parts are removed."
+    import shutil
+    out_dir = Path(out_dir)
+    parts = [out_dir / f'part-{r}-of-{world_size}' for r in range(world_size)]
+    if missing := [p.name for p in parts if not (p / 'index.json').is_file()]:
+        raise FileNotFoundError(f"teacher cache {out_dir}: rank parts {missing} are missing or incomplete; run "
+                                f"build_teacher_cache(..., rank=r, world_size={world_size}) for every rank r first.")
+    metas = [json.loads((p / 'index.json').read_text()) for p in parts]
+    caches = [TeacherCache(p) for p in parts]
+    n_batches = sum(len(m['batches']) for m in metas)
+    def merged():   # batch j of the single-process order is rank j % world_size's (j // world_size)-th
+        for j in range(n_batches):
+            ids = metas[j % world_size]['batches'][j // world_size]
+            yield {n: f.numpy() for n, f in caches[j % world_size].lookup(ids).items()}, None, torch.tensor(ids)
+    teachers = {n: _Built(metas[0]['weights'][n], metas[0]['teacher_identity'][n]) for n in metas[0]['teachers']}
+    cache = _write_cache(merged(), teachers, out_dir, shard_size or metas[0]['shard_size'], metas[0]['samples'] or {})
+    for p in parts: shutil.rmtree(p)
+    return cache
+
+class _Built:
+    "A teacher as a cache's index records it (weight, identity), for writing a merged index."
+    def __init__(self, weight, identity): self.weight, self._identity = weight, identity
+    def identity(self): return self._identity
+
 
 # %% ../nbs/06_teachers.ipynb #dd4f5ad0
 class TeacherCache:
@@ -282,11 +335,18 @@ class TeacherCache:
 
     def check_teachers(self, teachers: dict):
         "Raise unless `teachers` are the ones the cache was built with (names, timm models, input sizes, weights)."
-        if sorted(teachers) != sorted(self.teachers):
-            raise ValueError(f"teacher cache {self.folder} holds teachers {sorted(self.teachers)}, not {sorted(teachers)}.")
-        for name, t in teachers.items():
-            built, now = self.teacher_identity.get(name), t.identity()
-            if built != now:
-                k = next((k for k in now if (built or {}).get(k) != now[k]), 'identity')
-                raise ValueError(f"teacher {name} differs from the one the cache {self.folder} was built with: {k} was "
-                                 f"{(built or {}).get(k)!r}, now {now[k]!r}; rebuild the cache.")
+        check_teachers_match(teachers, self.teachers, self.teacher_identity, f'the cache {self.folder}')
+
+
+# %% ../nbs/06_teachers.ipynb #096cc84a
+def check_teachers_match(teachers: dict, built_names, built_identity: dict, where: str):
+    "Raise unless `teachers` are the ones features `where` were built with (names, timm models, input sizes, weights)."
+    if sorted(teachers) != sorted(built_names):
+        raise ValueError(f"{where} holds teachers {sorted(built_names)}, not {sorted(teachers)}.")
+    for name, t in teachers.items():
+        built, now = built_identity.get(name), t.identity()
+        if built != now:
+            k = next((k for k in now if (built or {}).get(k) != now[k]), 'identity')
+            raise ValueError(f"teacher {name} differs from the one {where} was built with: {k} was "
+                             f"{(built or {}).get(k)!r}, now {now[k]!r}; rebuild the features.")
+

@@ -50,9 +50,10 @@ CLASSNAMES = {
                        'sparsely vegetated areas', 'burnt areas', 'inland marshes', 'peatbogs', 'salt marshes',
                        'salines', 'intertidal flats', 'water courses', 'water bodies', 'coastal lagoons',
                        'estuaries', 'sea and ocean'],
-    # simplified IGBP (DFC2020) classes 1..10, in order
-    'sen12ms': ['forest', 'shrubland', 'savanna', 'grassland', 'wetlands', 'croplands', 'urban or built-up land',
-                'snow and ice', 'barren land', 'water'],
+    # simplified IGBP classes 1..10 (Schmitt & Wu 2021), in order; 'sen12ms' is Mind the Modality Gap's 9-label set
+    # (its config: 9 labels), the simplified scheme without savanna (class 3) as in the DFC2020 baseline's no_savanna
+    'sen12ms-10': ['forest', 'shrubland', 'savanna', 'grassland', 'wetlands', 'croplands', 'urban or built-up land',
+                   'snow and ice', 'barren land', 'water'],
     'resisc45': ['airplane', 'airport', 'baseball diamond', 'basketball court', 'beach', 'bridge', 'chaparral',
                  'church', 'circular farmland', 'cloud', 'commercial area', 'dense residential', 'desert', 'forest',
                  'freeway', 'golf course', 'ground track field', 'harbor', 'industrial area', 'intersection',
@@ -75,10 +76,14 @@ TEMPLATES = {
     'default': ['a satellite image of {}.', 'an aerial photo of {}.', 'a remote sensing image of {}.'],
 }
 CLASSNAMES['eurosat-rgb'] = CLASSNAMES['eurosat']   # the distributed RGB JPEGs: same classes, same order
+CLASSNAMES['sen12ms'] = [c for c in CLASSNAMES['sen12ms-10'] if c != 'savanna']
+CLASSNAMES['bigearthnet-v2-19'], CLASSNAMES['bigearthnet-v2-5'] = CLASSNAMES['bigearthnet-19'], CLASSNAMES['bigearthnet-5']
+for _name in ('sen12ms-10', 'bigearthnet-v2-19', 'bigearthnet-v2-5'): TEMPLATES[_name] = _REMOTE
 
 # which benchmarks are multi-label (scored by macro AP) rather than multi-class (top-1)
 MULTILABEL = {'eurosat': False, 'eurosat-rgb': False, 'bigearthnet-5': True, 'bigearthnet-19': True,
-              'bigearthnet-43': True, 'sen12ms': True, 'resisc45': False}
+              'bigearthnet-43': True, 'sen12ms': True, 'sen12ms-10': True, 'bigearthnet-v2-19': True,
+              'bigearthnet-v2-5': True, 'resisc45': False}
 
 # %% ../nbs/11_zeroshot.ipynb #9ced4cce
 def benchmark_prompts(name: str) -> tuple[list[str], list[str], bool]:
@@ -105,6 +110,7 @@ _SCENE = ['a satellite image of {}.', 'an aerial image of {}.', 'a remote sensin
 for _name in SCENE_FOLDER_SETS: TEMPLATES[_name], MULTILABEL[_name] = _SCENE, False
 
 PROMPT_VERSIONS = {name: '1' for name in (*CLASSNAMES, *SCENE_FOLDER_SETS)}   # bump when a prompt set changes
+PROMPT_VERSIONS['sen12ms'] = '2'   # 2: the 9 labels of Mind the Modality Gap (1 had the 10 now in 'sen12ms-10')
 
 def readable_classname(folder: str, dataset: str | None = None) -> str:
     "Prompt-friendly words for a class folder name: the data in FOLDER_CLASSNAMES, else split camelCase, '_' and '-'."

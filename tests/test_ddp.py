@@ -17,7 +17,7 @@ MODELS = ('dofaclip-tiny', 'dofaclip-tiny-siglip')
 
 def _subset_manifest(out_dir: Path, n_train: int = 4, n_valid: int = 2) -> Path:
     "The first training and validation rows of each modality of the demo set: one global batch per wavelength set and epoch."
-    from dofaclip.data import build_demo_set
+    from dofaclip.demo import build_demo_set
     manifest = build_demo_set(out_dir / 'demo')
     rows = list(csv.DictReader(open(manifest)))
     keep, counts = [], {}

@@ -6,20 +6,21 @@ import pytest
 pytest.importorskip('torchgeo')
 from dofaclip.benchmarks import (write_eurosat_fixture, write_eurosat_rgb_fixture, write_resisc45_fixture,
                                  write_bigearthnet_fixture, write_sen12ms_fixture, write_image_folder_fixture)
+from dofaclip.reben import write_reben_fixture
 from dofaclip.testing import tiny_checkpoint
 
 DATASETS = ['eurosat', 'eurosat-rgb', 'resisc45', 'bigearthnet-5', 'bigearthnet-19', 'bigearthnet-43', 'sen12ms',
-            'ucmerced', 'aid']
+            'ucmerced', 'aid', 'sen12ms-10', 'bigearthnet-v2-19', 'bigearthnet-v2-5']
 
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('eval')
-    ben = write_bigearthnet_fixture(tmp / 'bigearthnet')
+    ben, s12, reben = write_bigearthnet_fixture(tmp / 'bigearthnet'), write_sen12ms_fixture(tmp / 'sen12ms'), write_reben_fixture(tmp / 'reben')
     roots = [write_eurosat_fixture(tmp / 'eurosat'), write_eurosat_rgb_fixture(tmp / 'eurosat-rgb'),
-             write_resisc45_fixture(tmp / 'resisc45'), ben, ben, ben, write_sen12ms_fixture(tmp / 'sen12ms'),
+             write_resisc45_fixture(tmp / 'resisc45'), ben, ben, ben, s12,
              write_image_folder_fixture(tmp / 'ucm', ['denseresidential', 'river', 'tenniscourt'], 2, ext='.tif'),
-             write_image_folder_fixture(tmp / 'aid', ['BareLand', 'StorageTanks'], 2)]
+             write_image_folder_fixture(tmp / 'aid', ['BareLand', 'StorageTanks'], 2), s12, reben, reben]
     return tmp, roots, tiny_checkpoint(tmp / 'ckpt', name='dofaclip-tiny')
 
 
@@ -49,6 +50,9 @@ def test_eval_writes_table_and_reuses_features(setup):
     assert set(results['sen12ms']['retrieval']) == {'ms->rgb', 'rgb->ms'}
     assert list(results['sen12ms']['retrieval']['ms->rgb']) == ['R@1', 'R@5', 'R@10', 'R@20', 'R@50']
     assert results['aid']['classnames'] == ['bare land', 'storage tanks']
+    assert (results['sen12ms']['n_classes'], results['sen12ms-10']['n_classes']) == (9, 10)          # paper's 9, dataset's 10
+    assert results['bigearthnet-v2-19']['n_classes'] == 19 and results['bigearthnet-v2-5']['n_classes'] == 5
+    assert set(results['bigearthnet-v2-19']['retrieval']) == {'ms->rgb', 'rgb->ms'}
     assert report['ap_convention'] == 'torchmetrics'
     table = (tmp / 'out1' / 'eval.md').read_text()
     header = '| model | ' + ' | '.join(f"{n} ({results[n]['metric']})" for n in DATASETS) + ' | average |'
