@@ -39,7 +39,7 @@ class MultispectralStudent(nn.Module):
     def forward(self, x):
         if self.in_chans is not None and x.shape[1] != self.in_chans:
             raise ValueError(f"The student takes {self.in_chans} bands but got {x.shape[1]}: for 12-band L2A data insert a "
-                             "zero B10 (dofaclip.benchmarks.ms_view(..., to_bands=S2_BANDS)).")
+                             "zero B10 (dofaclip.datasets.ms_view(..., to_bands=S2_BANDS)).")
         if self.wavelengths is not None and x.shape[1] != len(self.wavelengths):
             raise ValueError(f"The student is bound to {len(self.wavelengths)} wavelengths but got {x.shape[1]} bands: "
                              "build it with the wavelengths of the view it reads (S2Views.wavelengths).")

@@ -6,16 +6,16 @@
 __all__ = ['DEMO_SOURCES', 'DEMO_RECIPE', 'landsat_cover', 'rgbn_cover', 'cover_caption', 'overlapping_sources', 'is_valid_block',
            'demo_tiles', 'build_demo_set', 'demo_recipe_id', 'train_demo_model']
 
-# %% ../nbs/10b_demo.ipynb #c5e2350f
+# %% ../nbs/10b_demo.ipynb #fd52cd0d
 import csv, hashlib, inspect, json, marshal, random, time
 from contextlib import nullcontext
 from pathlib import Path
 import numpy as np
 import torch
-from .core import atomic_write, is_quiet
+from .core import is_quiet
 from .io import open_scene, tile_grid, read_tile, sample_path
 
-# %% ../nbs/10b_demo.ipynb #7b568d75
+# %% ../nbs/10b_demo.ipynb #03613476
 def landsat_cover(pixels, valid) -> dict:
     "DEMO rule: land-cover fractions of a Landsat-8 L1 B2,B3,B4 tile (DN): water `B - R > 1500`, else bare soil `R > G`, else vegetation."
     b, g, r = (band[valid].astype(np.float64) for band in pixels)
@@ -30,13 +30,13 @@ def rgbn_cover(pixels, valid) -> dict:
     water = ~veg & ((g - n) / (g + n + 1e-6) > 0.1)
     return {'vegetation': veg.mean(), 'water': water.mean(), 'built-up': (~veg & ~water).mean()}
 
-# %% ../nbs/10b_demo.ipynb #c28926fc
+# %% ../nbs/10b_demo.ipynb #51e97185
 def cover_caption(fractions: dict, subject='a satellite image', second: float | None = 0.3) -> str:
     "'<subject> of mostly X' (X the dominant class) + ' with some Y' when the next class covers >= `second` (None: never)."
     (a, fa), (b, fb) = sorted(fractions.items(), key=lambda kv: -kv[1])[:2]
     return f"{subject} of mostly {a}" + (f" with some {b}" if second is not None and fb >= second else '')
 
-# %% ../nbs/10b_demo.ipynb #a477384a
+# %% ../nbs/10b_demo.ipynb #248e12e4
 DEMO_SOURCES = [  # file, sensor preset, modality, cover rule, caption subject
     ('landsat8_b234.tif', None, 'landsat8_l1', landsat_cover, 'a satellite image'),
     ('rgbn_5m_20160101.tif', 'rgbn', 'uint8', rgbn_cover, 'an aerial image'),
@@ -53,7 +53,7 @@ def overlapping_sources(scene) -> list:
         if w < E and W < e and s < N and S < n: hits.append(fname)
     return hits
 
-# %% ../nbs/10b_demo.ipynb #8d9edc94
+# %% ../nbs/10b_demo.ipynb #06ea3f6b
 def _blocks(start, size, block): return range(start // block, (start + size - 1) // block + 1)
 
 def is_valid_block(block_row: int, block_col: int, valid_every: int = 4) -> bool:
@@ -70,7 +70,7 @@ def demo_tiles(scene, tile: int = 64, train_stride: int = 32, block: int = 128, 
     train = [('train', t) for t in tile_grid(scene, tile, stride=train_stride, edge='drop') if not touches_valid(t)]
     return train + valid
 
-# %% ../nbs/10b_demo.ipynb #044c6e34
+# %% ../nbs/10b_demo.ipynb #16c48a9f
 def build_demo_set(out_dir, tile: int = 64, train_stride: int = 32, block: int = 128, valid_every: int = 4,
                    min_valid: float = 0.9, second: float | None = 0.3) -> Path:
     "DEMO: tile the `DEMO_SOURCES` rasters (spatial train/valid split), caption each tile by its rule, write .npy tiles + manifest.csv."
@@ -92,7 +92,7 @@ def build_demo_set(out_dir, tile: int = 64, train_stride: int = 32, block: int =
     (manifest.with_suffix('.tmp')).replace(manifest)
     return manifest
 
-# %% ../nbs/10b_demo.ipynb #7bc44ee2
+# %% ../nbs/10b_demo.ipynb #d498061c
 from . import preprocess
 from .data import image_text_dls
 from .scaling import MODALITY_RANGES, scale_modality
@@ -100,8 +100,7 @@ from .pretrain import (VECT_ADAMW, VECT_RECIPES, VECTStudent, ClampLogitScale, a
                                warmup_fraction, caption_retrieval, component_history)
 from .training import fit_warmup_cosine
 
-DEMO_RECIPE = dict(model='dofaclip-tiny', epochs=8, lr=1e-3, bs=16, seed=0, lock_text=False, augment=True, second=None,
-                   brightness=0.15)
+DEMO_RECIPE = dict(model='dofaclip-tiny', epochs=8, lr=1e-3, bs=16, seed=0, lock_text=False, augment=True, second=None)
 
 def _code_bytes(obj) -> bytes:
     "The source of a function or class, or its compiled code where no source file is at hand."
@@ -122,7 +121,7 @@ def demo_recipe_id(**overrides) -> str:
     h.update(json.dumps([MODALITY_RANGES, [src[:3] for src in DEMO_SOURCES], preprocess.UPSTREAM_INPUT_NORM]).encode())
     return h.hexdigest()[:10]
 
-# %% ../nbs/10b_demo.ipynb #6021160c
+# %% ../nbs/10b_demo.ipynb #3e234c96
 def _seed_everything(seed):
     torch.manual_seed(seed); random.seed(seed); np.random.seed(seed)
 
@@ -136,14 +135,14 @@ def train_demo_model(out_dir, epochs: int | None = None, lr: float | None = None
     from dofaclip.model import create_model, get_tokenizer
     from dofaclip.teachers import tiny_teachers
     from dofaclip.weights import save_pretrained
+    from dofaclip.core import atomic_write
     overrides = dict(epochs=epochs, lr=lr, bs=bs, seed=seed)
     recipe = {**DEMO_RECIPE, **{k: v for k, v in overrides.items() if v is not None}}
     out_dir, t0 = Path(out_dir), time.time()
     _seed_everything(recipe['seed'])
     manifest = build_demo_set(out_dir / 'demo_set', second=recipe['second'])
     model = create_model(recipe['model']); tok = get_tokenizer(model)
-    dls = image_text_dls(manifest, tok, size=model.image_size, bs=recipe['bs'], seed=recipe['seed'], augment=recipe['augment'],
-                         brightness=recipe['brightness'])
+    dls = image_text_dls(manifest, tok, size=model.image_size, bs=recipe['bs'], seed=recipe['seed'], augment=recipe['augment'])
     learn = vect_learner(dls, model, teachers=tiny_teachers(), lock_text=recipe['lock_text'])
     with _bar_unless_quiet(learn), learn.no_logging(): fit_vect(learn, recipe['epochs'], recipe['lr'])
     retrieval = caption_retrieval(learn.model, dls.valid.dataset, tok)

@@ -82,7 +82,7 @@ def _rgb_wavelengths(any_band: bool):
 
 def rgb_scaling(level: str, size) -> str:
     "How the RGB composite of Sentinel-2 `level` data reaches a model of input `size`, in one line (for reports and the protocol table)."
-    from dofaclip.benchmarks import RGB_DIVISOR
+    from dofaclip.datasets import RGB_DIVISOR
     return (f"B4,B3,B2 x*255/{RGB_DIVISOR[level]:g} ({level.upper()}), clamp [0,255], truncated to uint8 (upstream), /255, "
             f"bicubic antialiased to {_size_text(size)}")
 
@@ -94,7 +94,7 @@ def ms_scaling(size) -> str:
 
 def _open_s2(name, root, **kw):
     "The reader of Sentinel-2 set `name` (a key of S2_SETS), opened with the keyword arguments of the views."
-    from dofaclip.benchmarks import eurosat, bigearthnet, sen12ms
+    from dofaclip.datasets import eurosat, bigearthnet, sen12ms
     from dofaclip.reben import reben
     if name == 'eurosat': return eurosat(root, **kw)
     if name.startswith('sen12ms'): return sen12ms(root, num_classes=10 if name == 'sen12ms-10' else 9, level=S2_SETS[name]['level'], **kw)
@@ -102,7 +102,7 @@ def _open_s2(name, root, **kw):
     return bigearthnet(root, num_classes=int(name.split('-')[1]), **kw)
 
 def _s2_set(name, root, split, bands, size, any_band) -> EvalSet:
-    from dofaclip.benchmarks import clip_transform, RGB_BANDS
+    from dofaclip.datasets import clip_transform, RGB_BANDS
     from dofaclip.preprocess import resize_images
     from dofaclip.zeroshot import benchmark_prompts, prompt_version
     info, rgb_only = S2_SETS[name], list(bands or []) == ['rgb']
@@ -136,7 +136,7 @@ def _split_file(root: Path, name: str, split: str):
                             "without split lists only the whole set is evaluated (--split all)")
 
 def _rgb_set(name, root, split, bands, size, any_band) -> EvalSet:
-    from dofaclip.benchmarks import eurosat_rgb, resisc45, ImageFolderSet
+    from dofaclip.datasets import eurosat_rgb, resisc45, ImageFolderSet
     from dofaclip.preprocess import resize_images
     from dofaclip.zeroshot import benchmark_prompts, prompt_version, readable_classname, TEMPLATES
     if bands is not None and list(bands) != ['rgb']:

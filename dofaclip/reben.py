@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
-from .benchmarks import (S2Views, GroupedLabels, require_root, open_torchgeo, write_fixture_tif, S2_BANDS,
+from .datasets import (S2Views, GroupedLabels, require_root, open_torchgeo, write_fixture_tif, S2_BANDS,
                                  BIGEARTHNET_S2_BANDS, BIGEARTHNET_S1_BANDS)
 try: from torchgeo.datasets import BigEarthNetV2
 except ImportError:
-    from dofaclip.benchmarks import NeedsTorchgeo
+    from dofaclip.datasets import NeedsTorchgeo
     BigEarthNetV2 = NeedsTorchgeo('BigEarthNetV2')
 
 # %% auto #0

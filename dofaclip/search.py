@@ -7,7 +7,7 @@ __all__ = ['EXACT_MAX_ROWS', 'Store', 'pq_columns', 'ExactIndex', 'recall_at_k',
            'synthetic_embeddings', 'dedup_hits', 'search_store', 'scene_lattice', 'heat_grid', 'write_heat_maps',
            'write_geojson', 'save_collection_html', 'cli_scenes', 'run_collection_command']
 
-# %% ../nbs/15c_search.ipynb #be163704
+# %% ../nbs/15c_search.ipynb #5a63bfee
 import json, math, os, shutil, sys, tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ from .embeddings import read_metadata, read_vectors, store_parts, query_vector
 
 EXACT_MAX_ROWS = 2_000_000   # stores up to this many tiles are searched exactly (one matrix product) when index='auto'
 
-# %% ../nbs/15c_search.ipynb #90ea53dc
+# %% ../nbs/15c_search.ipynb #6139e972
 @dataclass
 class Store:
     "The parts of an embeddings store read together: `rows` (EPSG:4326, column `part`), `vectors` (N, E) float32, one metadata dict per part."
@@ -46,12 +46,19 @@ class Store:
 
     def __len__(self): return len(self.rows)
 
+    def index_path(self, settings=None) -> Path:
+        "Where this store keeps its FAISS index (`.index/` in the store folder), keyed by every part's name, size and mtime and the index settings."
+        import hashlib
+        state = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in self.parts] + [settings or {}]
+        key = hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return self.parts[0].parent / '.index' / f'faiss-{key}.index'
+
 def pq_columns(path) -> list:
     "Column names of a Parquet file."
     import pyarrow.parquet as pq
     return pq.read_schema(path).names
 
-# %% ../nbs/15c_search.ipynb #b060ae56
+# %% ../nbs/15c_search.ipynb #eacb7d90
 class ExactIndex:
     "Exact inner-product search: one matrix product per chunk of rows."
     kind = 'exact'
@@ -73,7 +80,7 @@ def recall_at_k(truth_ids, found_ids, k=10) -> float:
     t, f = np.asarray(truth_ids)[:, :k], np.asarray(found_ids)[:, :k]
     return float(np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(t, f)]))
 
-# %% ../nbs/15c_search.ipynb #607475b4
+# %% ../nbs/15c_search.ipynb #d462dc66
 class FaissIndex:
     "FAISS inverted-file index (inner product) over `vectors`: `codec` 'Flat', 'SQfp16' or 'PQ{m}'; GPU when FAISS has one."
     kind = 'faiss'
@@ -98,13 +105,34 @@ class FaissIndex:
         self.index.nprobe = self.nprobe
         return self.index.search(q, min(k, self.n))
 
-def build_index(vectors, kind='auto', exact_max=EXACT_MAX_ROWS, **faiss_kw):
-    "An `ExactIndex` (kind 'exact', or 'auto' up to `exact_max` rows) or a `FaissIndex` ('faiss', or 'auto' beyond)."
+    def save(self, path) -> Path:
+        "Write the index to `path` atomically (a CPU copy when it lives on GPUs)."
+        import faiss
+        cpu = faiss.index_gpu_to_cpu(self.index) if self.gpu else self.index
+        return atomic_write(path, lambda tmp: faiss.write_index(cpu, str(tmp)))
+
+    @classmethod
+    def load(cls, path, nprobe=None):
+        "An index written by `save` (kept on the CPU)."
+        import faiss
+        self = cls.__new__(cls)
+        self.index = faiss.read_index(str(path)); self.gpu, self.codec, self.loaded = False, 'loaded', True
+        self.nlist, self.n = faiss.extract_index_ivf(self.index).nlist, self.index.ntotal
+        self.nprobe = nprobe or max(8, self.nlist // 256)
+        return self
+
+def build_index(vectors, kind='auto', exact_max=EXACT_MAX_ROWS, saved=None, **faiss_kw):
+    "An `ExactIndex` (kind 'exact', or 'auto' up to `exact_max` rows) or a `FaissIndex` ('faiss', or 'auto' beyond), loaded from / saved to `saved` if given."
     if kind not in ('auto', 'exact', 'faiss'): raise ValueError(f"unknown index {kind!r}: use auto, exact or faiss")
     if kind == 'exact' or (kind == 'auto' and len(vectors) <= exact_max): return ExactIndex(vectors)
-    return FaissIndex(vectors, **faiss_kw)
+    if saved is not None and Path(saved).is_file():
+        ix = FaissIndex.load(saved, faiss_kw.get('nprobe'))
+        if ix.n == len(vectors): return ix
+    ix = FaissIndex(vectors, **faiss_kw)
+    if saved is not None: ix.save(saved)
+    return ix
 
-# %% ../nbs/15c_search.ipynb #751c9c48
+# %% ../nbs/15c_search.ipynb #0c2516d5
 def synthetic_embeddings(n, dim=768, clusters=None, spread=0.6, seed=0, dtype=np.float32) -> np.ndarray:
     "`n` L2-normalised vectors (n, dim) around `clusters` random centres (default sqrt(n)), for benchmarks and tests."
     rng = np.random.default_rng(seed)
@@ -117,7 +145,7 @@ def synthetic_embeddings(n, dim=768, clusters=None, spread=0.6, seed=0, dtype=np
         out[s:s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
-# %% ../nbs/15c_search.ipynb #0143baa6
+# %% ../nbs/15c_search.ipynb #b316aed4
 def _iou(w, s, e, n, boxes) -> np.ndarray:
     "Intersection over union of box (w, s, e, n) with each of `boxes` (M, 4)."
     iw = np.clip(np.minimum(e, boxes[:, 2]) - np.maximum(w, boxes[:, 0]), 0, None)
@@ -138,14 +166,14 @@ def dedup_hits(rows, ids, k, overlap=0.5) -> list:
         if len(kept) == k: break
     return kept
 
-# %% ../nbs/15c_search.ipynb #be17fe5d
+# %% ../nbs/15c_search.ipynb #7874d239
 def search_store(store, query, k=10, model=None, tokenizer=None, index='auto', overlap=0.5, **index_kw) -> gpd.GeoDataFrame:
     "Top-`k` tiles of `store` (a `Store`, folder or parts) for `query` (text with `model`, or a vector), duplicates across scenes removed; EPSG:4326 rows with rank and score."
     st = store if isinstance(store, Store) else Store.open(store)
     if not isinstance(k, int) or k < 1: raise ValueError(f"k must be a positive int, got {k!r}")
     q = query_vector(query, st.metas, model, tokenizer)
     key = (index, json.dumps(index_kw, sort_keys=True))
-    if key not in st._indexes: st._indexes[key] = build_index(st.vectors, index, **index_kw)
+    if key not in st._indexes: st._indexes[key] = build_index(st.vectors, index, saved=st.index_path(index_kw), **index_kw)
     idx, want = st._indexes[key], 4 * k
     while True:   # more candidates until k distinct places, or every tile seen
         scores, ids = idx.search(q[None], min(want, len(st)))
@@ -159,7 +187,7 @@ def search_store(store, query, k=10, model=None, tokenizer=None, index='auto', o
     out.attrs['index'] = idx.kind
     return out
 
-# %% ../nbs/15c_search.ipynb #b549f5c0
+# %% ../nbs/15c_search.ipynb #ddaa9572
 def scene_lattice(meta) -> tuple:
     "(shape (rows, cols), transform) of the tile lattice of the scene a part's metadata describes."
     from types import SimpleNamespace
@@ -198,7 +226,7 @@ def write_geojson(hits: gpd.GeoDataFrame, path) -> Path:
     keep = [c for c in ('rank', 'score', 'scene_id', 'tile', 'row', 'col', 'col_off', 'row_off', 'width', 'height', 'valid_fraction', 'geometry') if c in hits]
     return atomic_write(path, lambda tmp: Path(tmp).write_text(hits[keep].to_json(drop_id=True)))
 
-# %% ../nbs/15c_search.ipynb #115d665f
+# %% ../nbs/15c_search.ipynb #dd40eaf9
 _COLLECTION_HTML = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{title}</title>
 {head}
@@ -226,7 +254,7 @@ window.dofaclip = {{map: map, scenes: scenes, topk: topk, heat: heat, data: data
 </script></body></html>
 """
 
-# %% ../nbs/15c_search.ipynb #15968063
+# %% ../nbs/15c_search.ipynb #89f49345
 def _scene_layer(store, i, scores, vmin, vmax, max_size):
     "One scene of the map: RGB (if the scene reopens), heat map and footprint on its Web-Mercator grid."
     import warnings
@@ -269,7 +297,7 @@ def save_collection_html(store: Store, query_vec, hits, path, query='', model_de
                                    n=len(layers), k=len(hits), legend=legend, data=json.dumps(data).replace('</', '<\\/'))
     return atomic_write(path, lambda tmp: Path(tmp).write_text(page, encoding='utf-8'))
 
-# %% ../nbs/15c_search.ipynb #3f354252
+# %% ../nbs/15c_search.ipynb #8f13670c
 def cli_scenes(args_scenes) -> list:
     "Collection entries from command-line words: comma-joined band files become one per-band scene; folders and globs expand."
     from dofaclip.embeddings import collection_sources

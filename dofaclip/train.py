@@ -26,7 +26,7 @@ def prepare_inputs(cfg: dict, rank: int = 0) -> dict:
             build_demo_set(data / 'demo')
         cfg['data.manifest'] = cfg['data.manifest'] or str(manifest)
     else:   # fixtures: both benchmark layouts and a tiny CLIP checkpoint (registered with open_clip on every rank)
-        from dofaclip.benchmarks import write_eurosat_fixture, write_bigearthnet_fixture
+        from dofaclip.datasets import write_eurosat_fixture, write_bigearthnet_fixture
         from dofaclip.testing import tiny_clip_checkpoint, TINY_CLIP_NAME
         import open_clip
         ckpt = data / 'tiny-clip.safetensors'
@@ -199,7 +199,7 @@ def _open_clip_model(cfg, device):
     return model, open_clip.get_tokenizer(cfg['model.name'])
 
 def _benchmark(name, root, split, view, size):
-    from dofaclip.benchmarks import eurosat, bigearthnet, clip_transform
+    from dofaclip.datasets import eurosat, bigearthnet, clip_transform
     import torch.nn.functional as F
     kw = dict(view=view, transform=clip_transform(size))
     if view == 'paired': kw['ms_transform'] = lambda x: F.interpolate(x[None], size=size, mode='bilinear')[0]

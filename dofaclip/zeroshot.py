@@ -26,7 +26,7 @@ CLASSNAMES = {
     'eurosat': ['annual crop land', 'forest', 'brushland or shrubland', 'highway or road',
                 'industrial buildings or commercial buildings', 'pasture land', 'permanent crop land',
                 'residential buildings or homes or apartments', 'river', 'lake or sea'],
-    # CORINE Land Cover level 1; BigEarthNet-5 labels are derived from the 43 labels (12_benchmarks, BIGEARTHNET5_FROM_43)
+    # CORINE Land Cover level 1; BigEarthNet-5 labels are derived from the 43 labels (12_datasets, BIGEARTHNET5_FROM_43)
     'bigearthnet-5': ['artificial surfaces', 'agricultural areas', 'forest and semi-natural areas', 'wetlands',
                       'water bodies'],
     'bigearthnet-19': ['urban fabric', 'industrial or commercial units', 'arable land', 'permanent crops',

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip('torchgeo')
-from dofaclip.benchmarks import (write_eurosat_fixture, write_eurosat_rgb_fixture, write_resisc45_fixture,
+from dofaclip.datasets import (write_eurosat_fixture, write_eurosat_rgb_fixture, write_resisc45_fixture,
                                  write_bigearthnet_fixture, write_sen12ms_fixture, write_image_folder_fixture)
 from dofaclip.reben import write_reben_fixture
 from dofaclip.testing import tiny_checkpoint

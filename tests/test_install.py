@@ -98,7 +98,7 @@ def test_demo_from_the_wheel(env):
 def test_datasets_extra_is_optional(env):
     "Without torchgeo (`dofaclip[datasets]`) the package imports; the dataset readers say what to install."
     code = ("import sys; sys.modules['torchgeo'] = None\n"
-            "import dofaclip.benchmarks as b, dofaclip.cli, dofaclip.explore\n"
+            "import dofaclip.datasets as b, dofaclip.cli, dofaclip.explore\n"
             "try: b.eurosat(sys.argv[1])\n"
             "except ImportError as e: print(e)")
     res = in_venv(env, env.py, '-c', code, env.work)
