@@ -17,7 +17,7 @@ _EXPORTS = {   # module -> the names it lends the package (tools/run_tests.py re
     'zeroshot': ['zeroshot_head', 'ZeroShotClassifier', 'extract_features'],
     'explore': ['embed_scene', 'SceneExplorer'],
     'embeddings': ['to_geoparquet', 'search_geoparquet', 'embed_collection'],
-    'mapview': ['ExploreMap'],
+    'widget': ['ExploreMap'],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = ['__version__', *_MODULE_OF]

@@ -83,7 +83,7 @@ DEMO_LABELS = ['water', 'vegetation', 'bare soil']
 def demo_model(folder=None, epochs=None, log=print):
     "The tiny demo DOFA-CLIP: loaded from `folder` (default: the cache folder of the current recipe), trained there first if missing."
     from dofaclip.weights import load_pretrained
-    from dofaclip.explore import default_cache_dir
+    from dofaclip.cache import default_cache_dir
     try: from dofaclip.demo import train_demo_model, demo_recipe_id
     except ImportError as e: train_demo_model = demo_recipe_id = None; why = e
     if folder is None:
@@ -187,7 +187,8 @@ def run_explore(scene, queries, model, model_desc, out='explore_out', negatives=
                 batch_size=32, num_workers=0, template=None, html=True, min_valid=0.5, tokenizer=None, device=None,
                 overwrite=False, log=print) -> dict:
     "Embed `scene` (cached), answer `queries`, write heat maps, GeoJSON, PNG previews, an HTML map and summary.json."
-    from dofaclip.explore import SceneExplorer; from dofaclip.cache import pid_alive as _pid_alive
+    from dofaclip.explore import SceneExplorer
+    from dofaclip.cache import pid_alive
     from dofaclip.mapview import MapState, save_html
     if not queries and not classes: raise ValueError("give at least one query (or --classes for a class map)")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0: raise ValueError(f"top_k must be a positive whole number, got {top_k!r} (--top-k)")
@@ -209,7 +210,7 @@ def run_explore(scene, queries, model, model_desc, out='explore_out', negatives=
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob('.dofaclip-partial-*-*'):   # left by a run that was killed (SIGKILL skips `finally`)
         pid = stale.name.split('-')[2]
-        if pid.isdigit() and not _pid_alive(int(pid)): shutil.rmtree(stale, ignore_errors=True)
+        if pid.isdigit() and not pid_alive(int(pid)): shutil.rmtree(stale, ignore_errors=True)
     stage = Path(tempfile.mkdtemp(dir=out, prefix=f'.dofaclip-partial-{os.getpid()}-'))   # same filesystem: moves are renames
     try:
         results = []

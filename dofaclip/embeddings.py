@@ -61,7 +61,7 @@ def tiles_frame(se, scene_id=None) -> gpd.GeoDataFrame:
 
 def scene_content_id(scene) -> str:
     "A content hash of `scene`'s file(s): what tells a store that a scene changed since it was embedded."
-    from dofaclip.explore import scene_fingerprint
+    from dofaclip.cache import scene_fingerprint
     return scene.fingerprint() if hasattr(scene, 'fingerprint') else scene_fingerprint(scene.path)
 
 def embedding_metadata(se, scene_id=None, settings=None, dtype='float32', **extra) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['S2_SETS', 'RGB_SETS', 'FOLDER_SETS', 'EVAL_DATASETS', 'AP_CONVENTIONS', 'CACHE_FORMAT', 'check_dataset_name', 'View',
-           'EvalSet', 'rgb_scaling', 'ms_scaling', 'open_eval_set', 'default_cache_dir', 'feature_key',
+           'EvalSet', 'rgb_scaling', 'ms_scaling', 'open_eval_set', 'feature_cache_dir', 'feature_key',
            'feature_cache_path', 'cached_features', 'markdown_report', 'write_report', 'protocol_table',
            'model_image_size', 'evaluate', 'add_eval_parser', 'run_eval_command', 'main']
 
@@ -176,9 +176,10 @@ def open_eval_set(name: str, root, split: str = 'test', bands=None, image_size: 
 # %% ../nbs/11a_evaluation.ipynb #02789184
 CACHE_FORMAT = 1   # bump when what a cached feature file holds changes
 
-def default_cache_dir() -> Path:
-    "Where evaluation features are cached: $DOFACLIP_CACHE/eval_features, else ~/.cache/dofaclip/eval_features."
-    return Path(os.environ.get('DOFACLIP_CACHE', Path.home() / '.cache' / 'dofaclip')).expanduser() / 'eval_features'
+def feature_cache_dir() -> Path:
+    "Where evaluation features are cached: `eval_features` in dofaclip's cache folder ($DOFACLIP_CACHE or ~/.cache/dofaclip)."
+    from dofaclip.cache import default_cache_dir
+    return default_cache_dir().expanduser() / 'eval_features'
 
 def _ids_digest(dataset) -> str:
     ids = getattr(dataset, 'ids', None)
@@ -360,7 +361,7 @@ def evaluate(model, dataset, root, split: str = 'test', bands=None, device=None,
             for n, r in zip(names, roots)]
     fingerprint = model_fingerprint(model)
     results = [_evaluate_one(model, tokenizer, es, r, bands, device, probe, ap_convention,
-                             cache_dir or default_cache_dir(), fingerprint, batch_size, num_workers, log)
+                             cache_dir or feature_cache_dir(), fingerprint, batch_size, num_workers, log)
                for es, r in zip(sets, roots)]
     report = dict(model=model_name or type(model).__name__, fingerprint=fingerprint, dofaclip=__version__,
                   split=split, ap_convention=ap_convention, ap_convention_means=AP_CONVENTIONS[ap_convention],

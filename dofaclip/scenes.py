@@ -175,7 +175,7 @@ def _stack_product_metadata(self: StackScene) -> dict:
 
 def _stack_fingerprint(self: StackScene) -> str:
     "A content hash of every band file (path, size, mtime, sampled bytes), the grid and the per-band scale/offset."
-    from dofaclip.explore import scene_fingerprint
+    from dofaclip.cache import scene_fingerprint
     h = hashlib.sha256()
     for p in self.paths:
         st = p.resolve().stat()
