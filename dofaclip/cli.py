@@ -234,7 +234,7 @@ def _floats(text):
     except ValueError: raise argparse.ArgumentTypeError(f"{text!r}: expected numbers separated by commas, e.g. 0.49,0.56,0.665") from None
 
 PRESETS = ('auto', 'uint8', 'reflectance', 'sentinel2_offset', 'landsat_c2_l2', 'landsat8_l1', 'sar_db', 'sar_linear', 'unit',
-           'dn', 'percentile')   # dofaclip.explore.SCALINGS and OTHER_PRESETS (checked below), without importing numpy here
+           'dn', 'percentile')   # dofaclip.scaling.SCALINGS and OTHER_PRESETS (checked below), without importing numpy here
 
 def _preset(text):
     if text in PRESETS: return text

@@ -21,12 +21,9 @@ from rasterio.warp import transform as warp_transform
 from fastcore.basics import patch
 from .sensors import validate_wavelengths, rgb_bands, RGB_TOLERANCE_UM
 from .io import open_scene, tile_grid, read_tile
-# scaling and the self-checking cache have their own modules; their names stay importable from here
-from .scaling import (Scaling, SCALINGS, OTHER_PRESETS, preset_choices, as_scaling, product_metadata,
-                              choose_scaling, auto_preset, describe_scaling, scale_pixels)
+from .scaling import as_scaling, choose_scaling, describe_scaling, scale_pixels
 from .scene_embedding import SceneEmbedding
-from .cache import (default_cache_dir, scene_fingerprint, staging_folder, publish_entry, entry_problem,
-                            clean_stale)
+from .cache import default_cache_dir, scene_fingerprint, staging_folder, publish_entry, entry_problem, clean_stale
 from .weights import model_fingerprint
 from .core import resolve_device, precision_for, autocast_for, progress
 from .preprocess import takes_wavelengths, image_encoder, resize_images

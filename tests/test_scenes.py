@@ -52,7 +52,7 @@ def test_stack_equals_multiband_where_resolutions_match(bands, ref):
     np.testing.assert_array_equal(two[1], one[1]); np.testing.assert_array_equal(two[0], one[0][[0, 2]])
 
 def test_safe_l1c_offsets_applied(tmp_path, ref):
-    from dofaclip.explore import choose_scaling
+    from dofaclip.scaling import choose_scaling
     safe = tmp_path / 'S2A_MSIL1C_20200518T133229_N0400_R081_T21KXT_20200518T150000.SAFE'
     img = safe / 'GRANULE' / 'L1C_T21KXT_A025622_20200518T133229' / 'IMG_DATA'
     split_bands(sample_path('landsat8_b234.tif'), img, names=['B02', 'B03', 'B04'], crop=CROP, factors=[1, 1, 2],
