@@ -10,8 +10,7 @@ import timm
 from fastai.learner import Learner
 from fastai.data.core import DataLoaders
 from .preprocess import ImageEncoder, image_encoder, takes_wavelengths
-from .zeroshot import (ZeroShotHead, extract_features, score_logits, cross_modal_retrieval,
-                               linear_probe)
+from .zeroshot import ZeroShotHead, score_logits, cross_modal_retrieval, linear_probe
 from .training import AdamW, classification_loss, fit_warmup_cosine, LossComponent, grad_clip_cbs, set_precision
 from .weights import LoadReport, CheckpointError, read_state_dict, check_state_dict
 from .backbone import create_backbone, list_backbones

@@ -9,7 +9,6 @@ __all__ = ['BACKBONE_CONFIGS', 'DOFAVisionTransformer', 'list_backbones', 'creat
 from functools import partial
 from fastcore.basics import patch
 import torch
-import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import VisionTransformer
 from timm.models._features import feature_take_indices

@@ -8,7 +8,7 @@ import inspect, json, os
 from pathlib import Path
 from typing import Callable, Sequence
 import numpy as np
-import torch, torch.nn.functional as F
+import torch
 from torch.utils.data import Dataset
 import open_clip
 from .sensors import wavelengths as sensor_wavelengths

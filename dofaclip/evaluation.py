@@ -4,7 +4,7 @@
 
 # %% ../nbs/11a_evaluation.ipynb #9d7f42e2
 from __future__ import annotations
-import argparse, hashlib, json, os, sys
+import argparse, hashlib, json, sys
 from dataclasses import dataclass, field
 from pathlib import Path
 # torch, torchgeo and the models are imported inside the functions: `dofaclip --help` builds this parser and must stay instant

@@ -22,7 +22,6 @@ import rasterio.windows, rasterio.crs
 from fastcore.basics import patch
 import dofaclip
 from .sensors import get_sensor, validate_wavelengths, wavelengths_from_descriptions, nearest_bands
-from .sensors import wavelengths as sensor_wavelengths
 from .scaling import normalize   # raw values -> [0, 1] live in dofaclip.scaling; `from dofaclip.io import normalize` keeps working
 
 # %% ../nbs/01_io.ipynb #fd7deff7

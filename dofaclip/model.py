@@ -18,7 +18,6 @@ from fastcore.basics import patch
 from open_clip.model import CLIPTextCfg, _build_text_tower  # open_clip's own text-tower builder (used by its CLIP classes)
 from open_clip.tokenizer import SimpleTokenizer
 from .backbone import create_backbone, list_backbones, DOFAVisionTransformer
-from .patch_embed import resolve_wavelengths
 
 # %% ../nbs/04_model.ipynb #1cce7426
 def _siglip_config(open_clip_name: str, backbone: str) -> dict:
