@@ -88,14 +88,14 @@ def demo_model(folder=None, epochs=None, log=print):
     except ImportError as e: train_demo_model = demo_recipe_id = None; why = e
     if folder is None:
         if demo_recipe_id is None:
-            raise RuntimeError(f"dofaclip.pretrain is not available ({why}): pass --model FOLDER with a DOFA-CLIP checkpoint")
+            raise RuntimeError(f"dofaclip.demo is not available ({why}): pass --model FOLDER with a DOFA-CLIP checkpoint")
         folder = default_cache_dir() / f'demo-model-{demo_recipe_id(epochs=epochs)}'
     folder = Path(folder)
     saved = next(iter(sorted(folder.rglob('open_clip_config.json'))), None) if folder.is_dir() else None
     if saved is not None: folder = saved.parent
     else:
         if train_demo_model is None:
-            raise RuntimeError(f"no demo model at {folder} and dofaclip.pretrain.train_demo_model is not available ({why}): "
+            raise RuntimeError(f"no demo model at {folder} and dofaclip.demo.train_demo_model is not available ({why}): "
                                "pass --model FOLDER with a DOFA-CLIP checkpoint")
         log(f"training the demo model into {folder} (first run only; about a minute or two on CPU)...")
         folder = Path(train_demo_model(folder, epochs=epochs))

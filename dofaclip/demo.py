@@ -6,7 +6,7 @@
 __all__ = ['DEMO_SOURCES', 'DEMO_RECIPE', 'landsat_cover', 'rgbn_cover', 'cover_caption', 'overlapping_sources', 'is_valid_block',
            'demo_tiles', 'build_demo_set', 'demo_recipe_id', 'train_demo_model']
 
-# %% ../nbs/10b_demo.ipynb #476d1e9f
+# %% ../nbs/10b_demo.ipynb #157c2f18
 import csv, hashlib, inspect, json, marshal, random, time
 from contextlib import nullcontext
 from pathlib import Path
@@ -15,7 +15,7 @@ import torch
 from .core import is_quiet
 from .io import open_scene, tile_grid, read_tile, sample_path
 
-# %% ../nbs/10b_demo.ipynb #deeee4c2
+# %% ../nbs/10b_demo.ipynb #eb634d58
 def landsat_cover(pixels, valid) -> dict:
     "DEMO rule: land-cover fractions of a Landsat-8 L1 B2,B3,B4 tile (DN): water `B - R > 1500`, else bare soil `R > G`, else vegetation."
     b, g, r = (band[valid].astype(np.float64) for band in pixels)
@@ -30,13 +30,13 @@ def rgbn_cover(pixels, valid) -> dict:
     water = ~veg & ((g - n) / (g + n + 1e-6) > 0.1)
     return {'vegetation': veg.mean(), 'water': water.mean(), 'built-up': (~veg & ~water).mean()}
 
-# %% ../nbs/10b_demo.ipynb #18c5451f
+# %% ../nbs/10b_demo.ipynb #fee75184
 def cover_caption(fractions: dict, subject='a satellite image', second: float | None = 0.3) -> str:
     "'<subject> of mostly X' (X the dominant class) + ' with some Y' when the next class covers >= `second` (None: never)."
     (a, fa), (b, fb) = sorted(fractions.items(), key=lambda kv: -kv[1])[:2]
     return f"{subject} of mostly {a}" + (f" with some {b}" if second is not None and fb >= second else '')
 
-# %% ../nbs/10b_demo.ipynb #d8b65d06
+# %% ../nbs/10b_demo.ipynb #e74f0cac
 DEMO_SOURCES = [  # file, sensor preset, modality, cover rule, caption subject
     ('landsat8_b234.tif', None, 'landsat8_l1', landsat_cover, 'a satellite image'),
     ('rgbn_5m_20160101.tif', 'rgbn', 'uint8', rgbn_cover, 'an aerial image'),
@@ -53,7 +53,7 @@ def overlapping_sources(scene) -> list:
         if w < E and W < e and s < N and S < n: hits.append(fname)
     return hits
 
-# %% ../nbs/10b_demo.ipynb #e85f0acc
+# %% ../nbs/10b_demo.ipynb #5aa7d5d3
 def _blocks(start, size, block): return range(start // block, (start + size - 1) // block + 1)
 
 def is_valid_block(block_row: int, block_col: int, valid_every: int = 4) -> bool:
@@ -70,7 +70,7 @@ def demo_tiles(scene, tile: int = 64, train_stride: int = 32, block: int = 128, 
     train = [('train', t) for t in tile_grid(scene, tile, stride=train_stride, edge='drop') if not touches_valid(t)]
     return train + valid
 
-# %% ../nbs/10b_demo.ipynb #de839014
+# %% ../nbs/10b_demo.ipynb #681c3ba2
 def build_demo_set(out_dir, tile: int = 64, train_stride: int = 32, block: int = 128, valid_every: int = 4,
                    min_valid: float = 0.9, second: float | None = 0.3) -> Path:
     "DEMO: tile the `DEMO_SOURCES` rasters (spatial train/valid split), caption each tile by its rule, write .npy tiles + manifest.csv."
@@ -92,7 +92,7 @@ def build_demo_set(out_dir, tile: int = 64, train_stride: int = 32, block: int =
     (manifest.with_suffix('.tmp')).replace(manifest)
     return manifest
 
-# %% ../nbs/10b_demo.ipynb #24e3912f
+# %% ../nbs/10b_demo.ipynb #09024db0
 from . import preprocess
 from .data import image_text_dls
 from .scaling import MODALITY_RANGES, scale_modality
@@ -121,7 +121,7 @@ def demo_recipe_id(**overrides) -> str:
     h.update(json.dumps([MODALITY_RANGES, [src[:3] for src in DEMO_SOURCES], preprocess.UPSTREAM_INPUT_NORM]).encode())
     return h.hexdigest()[:10]
 
-# %% ../nbs/10b_demo.ipynb #668d578c
+# %% ../nbs/10b_demo.ipynb #cd617dc4
 def _seed_everything(seed):
     torch.manual_seed(seed); random.seed(seed); np.random.seed(seed)
 

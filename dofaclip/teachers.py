@@ -348,5 +348,6 @@ def check_teachers_match(teachers: dict, built_names, built_identity: dict, wher
         if built != now:
             k = next((k for k in now if (built or {}).get(k) != now[k]), 'identity')
             raise ValueError(f"teacher {name} differs from the one {where} was built with: {k} was "
-                             f"{(built or {}).get(k)!r}, now {now[k]!r}; rebuild the features.")
+                             f"{(built or {}).get(k)!r}, now {now[k]!r}; rebuild the cache with these teachers "
+                             "(build_teacher_cache, or `python -m dofaclip.shards teachers` for shards).")
 
