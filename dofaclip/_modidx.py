@@ -421,7 +421,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'dofaclip.mapview.MercatorGrid.bounds': ('mapview.html#mercatorgrid.bounds', 'dofaclip/mapview.py'),
                                   'dofaclip.mapview.MercatorGrid.for_scene': ('mapview.html#mercatorgrid.for_scene', 'dofaclip/mapview.py'),
                                   'dofaclip.mapview.MercatorGrid.warp': ('mapview.html#mercatorgrid.warp', 'dofaclip/mapview.py'),
-                                  'dofaclip.mapview.__getattr__': ('mapview.html#__getattr__', 'dofaclip/mapview.py'),
                                   'dofaclip.mapview._hex': ('mapview.html#_hex', 'dofaclip/mapview.py'),
                                   'dofaclip.mapview._labextension_dir': ('mapview.html#_labextension_dir', 'dofaclip/mapview.py'),
                                   'dofaclip.mapview._latlon_to_scene': ('mapview.html#_latlon_to_scene', 'dofaclip/mapview.py'),

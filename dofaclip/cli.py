@@ -381,7 +381,7 @@ def _explore(args):
 def _demo(args):
     from dofaclip.core import resolve_device
     from dofaclip.io import sample_path
-    from dofaclip.data import MODALITY_RANGES
+    from dofaclip.scaling import MODALITY_RANGES
     if args.weights: print("dofaclip: --weights is deprecated: use --model", file=sys.stderr)
     spec, queries = args.model or args.weights, args.query or ['water']
     kw, out = _run_kw(args), check_out_folder(args.out or 'demo_out')

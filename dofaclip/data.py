@@ -19,7 +19,7 @@ from .io import open_scene
 from .preprocess import resize_images
 
 # %% ../nbs/09_data.ipynb #5444235e
-from .scaling import MODALITY_RANGES, scale_modality   # raw values -> [0, 1] live in one place: dofaclip.scaling
+from .scaling import scale_modality   # raw values -> [0, 1] live in one place: dofaclip.scaling
 
 # %% ../nbs/09_data.ipynb #90211e06
 def _image_bands(path: Path) -> int:

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['LAND_COVER_PALETTES', 'OTHER_COLORS', 'DEFAULT_LABELS', 'MercatorGrid', 'fit_view', 'scene_overview', 'png_data_url',
            'decode_data_url', 'colorize', 'class_colors', 'value_range', 'colorbar_css', 'legend_html', 'MapState',
-           'leaflet_assets', 'leaflet_head', 'save_html', 'save_preview', 'ExploreMap']
+           'leaflet_assets', 'leaflet_head', 'save_html', 'save_preview']
 
 # %% ../nbs/16_mapview.ipynb #af756a13
 import base64, io, json, re
@@ -305,16 +305,6 @@ def export(self: MapState, path, k=10) -> Path:
     if path.suffix.lower() in ('.tif', '.tiff'): return self.result.to_geotiff(path)
     if path.suffix.lower() in ('.geojson', '.json'): self.result.to_geojson(path, k=k); return path
     raise ValueError(f"export to .tif or .geojson, got {path.name!r}")
-
-# %% ../nbs/16_mapview.ipynb #9c509fce
-_all_ = ['ExploreMap']
-
-def __getattr__(name):
-    "`ExploreMap` is imported from `dofaclip.widget` on first use, so the old import path keeps working."
-    if name == 'ExploreMap':
-        from dofaclip.widget import ExploreMap
-        return ExploreMap
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # %% ../nbs/16_mapview.ipynb #9ff736da
 def _labextension_dir() -> Path:

@@ -101,7 +101,8 @@ NOTEBOOK_CELLS = [
     "from dofaclip.io import sample_path\n"
     "from dofaclip.model import create_model\n"
     "from dofaclip.explore import SceneExplorer\n"
-    "from dofaclip.mapview import MapState, ExploreMap\n"
+    "from dofaclip.mapview import MapState\n"
+    "from dofaclip.widget import ExploreMap\n"
     "set_quiet(); torch.manual_seed(0); torch.set_num_threads(1)",
     "ex = SceneExplorer(create_model('dofaclip-tiny'), sample_path('landsat8_b234.tif'), tile_size=128, stride=64,\n"
     "                   cache_dir=os.environ['DOFACLIP_TEST_CACHE'], device='cpu')\n"
